@@ -1,0 +1,203 @@
+"""Typed, frozen stage configurations read from ``params.yaml``.
+
+Each stage declares one frozen dataclass and builds it once with :func:`load_section`.
+Unknown keys are rejected with the key's full dotted name, missing required keys are
+named, and values are checked against the annotated type, so a typo in ``params.yaml``
+fails loudly instead of being silently ignored.
+
+Example::
+
+    @dataclass(frozen=True)
+    class NoiseConfig:
+        max_displacement: float = 16.0
+        n_bumps: int = 30
+
+    cfg = load_section("params.yaml", "noise", NoiseConfig)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+
+
+class ConfigError(ValueError):
+    """A params file is missing, malformed, or has a bad key or value."""
+
+
+def read_params(path: str | Path) -> dict[str, Any]:
+    """Read a YAML params file into a dict.
+
+    Raises:
+        ConfigError: if the file does not exist or is not a YAML mapping.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"params file not found: {path}; pass --params with the path to params.yaml")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err}); fix the syntax") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    return data
+
+
+def load_section(path: str | Path, section: str, cls: type[T]) -> T:
+    """Build the frozen dataclass ``cls`` from section ``section`` of a params file.
+
+    ``section`` may be dotted (``"cities.synthville"``) to reach a nested mapping.
+
+    Raises:
+        ConfigError: naming the file and the dotted key, for a missing section, an
+            unknown key, a missing required key or a value of the wrong type.
+    """
+    data: Any = read_params(path)
+    for part in section.split("."):
+        if not isinstance(data, dict) or part not in data:
+            raise ConfigError(f"{path}: missing section '{section}'; add it to params.yaml")
+        data = data[part]
+    return from_dict(cls, data if data is not None else {}, where=f"{path}: {section}")
+
+
+def from_dict(cls: type[T], data: Any, where: str) -> T:
+    """Recursively build dataclass ``cls`` from a mapping, checking keys and types."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key '{where.split(': ', 1)[-1]}.{unknown[0]}'"
+            f"; valid keys are {sorted(fields)}"
+        )
+    kwargs = {}
+    for name, field in fields.items():
+        key = f"{where}.{name}"
+        if name in data:
+            kwargs[name] = _convert(hints[name], data[name], key)
+        elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{key}: required key is missing; add it to params.yaml")
+    obj = cls(**kwargs)
+    validate = getattr(obj, "validate", None)
+    if callable(validate):
+        try:
+            validate()
+        except ValueError as err:
+            raise ConfigError(f"{where}: {err}") from err
+    return obj
+
+
+def _convert(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, key)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(arg, value, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if origin is typing.Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
+        return value
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        item_tp = args[0] if args else Any
+        return tuple(_convert(item_tp, v, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        kt, vt = args if args else (Any, Any)
+        return {_convert(kt, k, key): _convert(vt, v, f"{key}.{k}") for k, v in value.items()}
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {tp!r} in config dataclass")
+
+
+def check_name(name: str, what: str = "city name") -> str:
+    """Return ``name`` if it is a safe file-name component, else raise ConfigError.
+
+    Names become folder and file names, so path separators, ``..`` and spaces are refused.
+    """
+    if not isinstance(name, str) or not _NAME_RE.match(name) or ".." in name:
+        raise ConfigError(
+            f"invalid {what} {name!r}: use letters, digits, '-' and '_' only "
+            "(no path separators or '..')"
+        )
+    return name
+
+
+SOURCES = ("synthetic", "inria")
+
+
+@dataclass(frozen=True)
+class CityConfig:
+    """One city of the study (an entry of ``cities:`` in params.yaml).
+
+    ``tiles`` are tile numbers: Inria's 1..36, or 1..n for a synthetic city. ``style``
+    applies to synthetic cities only (dense, suburb, industrial).
+    """
+
+    source: Literal["synthetic", "inria"]
+    tiles: tuple[int, ...]
+    style: str = "dense"
+
+    def validate(self) -> None:
+        if not self.tiles:
+            raise ValueError("tiles is empty; list at least one tile number, e.g. tiles: [1, 2]")
+        if len(set(self.tiles)) != len(self.tiles):
+            raise ValueError(f"tiles has repeated numbers: {list(self.tiles)}")
+        if min(self.tiles) < 1:
+            raise ValueError(f"tile numbers start at 1, got {list(self.tiles)}")
+
+
+def load_city(path: str | Path, name: str) -> CityConfig:
+    """The config of city ``name`` from the ``cities`` section, with the name checked."""
+    check_name(name)
+    return load_section(path, f"cities.{name}", CityConfig)
+
+
+def load_cities(path: str | Path) -> dict[str, CityConfig]:
+    """All cities of the ``cities`` section, names checked."""
+    section = read_params(path).get("cities")
+    if not isinstance(section, dict) or not section:
+        raise ConfigError(f"{path}: section 'cities' is missing or empty; name at least one city")
+    return {check_name(name): from_dict(CityConfig, entry, f"{path}: cities.{name}") for name, entry in section.items()}

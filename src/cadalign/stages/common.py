@@ -1,0 +1,25 @@
+"""Shared command-line plumbing of the stage modules (argument parser, logging)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+
+def make_parser(description: str) -> argparse.ArgumentParser:
+    """An argument parser with the options every stage takes (``--params``)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--params", default="params.yaml", help="path of params.yaml (default: %(default)s)")
+    return parser
+
+
+def setup_logging() -> None:
+    """Log to stderr at INFO (``CADALIGN_LOG_LEVEL`` overrides); quiet the chattiest libraries."""
+    logging.basicConfig(
+        level=os.environ.get("CADALIGN_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        force=True,
+    )
+    for name in ("alembic", "mlflow", "urllib3", "rasterio", "fiona", "pyogrio", "matplotlib"):
+        logging.getLogger(name).setLevel(logging.WARNING)

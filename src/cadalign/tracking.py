@@ -1,0 +1,173 @@
+"""MLflow mirror of the pipeline's DVC metrics, parameters and figures.
+
+DVC's metric and plot files are the source of truth; each stage also logs them to MLflow so
+runs can be browsed with ``mlflow ui``. All stage runs of one study are nested under a study
+run (tag ``cadalign.study``), found or created on first use.
+
+- Tracking URI: ``MLFLOW_TRACKING_URI``, default ``sqlite:///mlflow.db`` (relative to the
+  working directory, the repository root under ``dvc repro``).
+- Experiment: ``MLFLOW_EXPERIMENT_NAME``, default ``cadalign``.
+- Study: ``CADALIGN_STUDY``, default ``default``.
+- Only rank 0 logs (``RANK`` unset or ``0``); other ranks get a run that does nothing.
+
+The client API is used directly (no global active run), so a failing stage marks its run
+FAILED and never leaves a dangling active run behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param
+from mlflow.tracking import MlflowClient
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_URI = "sqlite:///mlflow.db"
+STUDY_TAG = "cadalign.study"
+ROLE_TAG = "cadalign.role"
+_MAX_PARAM = 6000
+
+
+def tracking_uri() -> str:
+    """The tracking URI in use: ``MLFLOW_TRACKING_URI`` or the repository's SQLite file."""
+    return os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_URI)
+
+
+def is_rank_zero() -> bool:
+    """True unless this process is a non-zero rank of a distributed run."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Flatten nested mappings to dotted keys with string values (MLflow params)."""
+    out: dict[str, str] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, prefix=f"{name}."))
+        else:
+            out[name] = str(value)[:_MAX_PARAM]
+    return out
+
+
+class StageRun:
+    """Logging handle of one stage run; every method is a no-op when ``run_id`` is None."""
+
+    def __init__(self, client: MlflowClient | None, run_id: str | None) -> None:
+        self.client = client
+        self.run_id = run_id
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        if self.run_id is None or not params:
+            return
+        items = [Param(k, v) for k, v in flatten(params).items()]
+        for start in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[start : start + 100])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        if self.run_id is None or not metrics:
+            return
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step or 0) for k, v in flatten_numbers(metrics).items()]
+        for start in range(0, len(items), 500):
+            self.client.log_batch(self.run_id, metrics=items[start : start + 500])
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        if self.run_id is None:
+            return
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_figure(self, path: str | Path) -> None:
+        """Log a saved figure (PNG/SVG) under ``figures/``."""
+        self.log_artifact(path, "figures")
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        if self.run_id is None:
+            return
+        for key, value in tags.items():
+            self.client.set_tag(self.run_id, key, str(value))
+
+
+def flatten_numbers(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    """Flatten nested metric mappings to dotted keys, keeping numeric values only."""
+    out: dict[str, float] = {}
+    for key, value in metrics.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten_numbers(value, prefix=f"{name}."))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[name] = float(value)
+    return out
+
+
+def _artifact_root(uri: str) -> str | None:
+    """Artifacts next to a SQLite database file, so tests and users keep them together."""
+    if uri.startswith("sqlite:///"):
+        db = Path(uri.removeprefix("sqlite:///"))
+        return (db.parent.resolve() / "mlartifacts").as_uri()
+    return None
+
+
+def _experiment_id(client: MlflowClient, name: str, uri: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    return client.create_experiment(name, artifact_location=_artifact_root(uri))
+
+
+def _study_run_id(client: MlflowClient, experiment_id: str, study: str) -> str:
+    found = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{STUDY_TAG}` = '{study}' and tags.`{ROLE_TAG}` = 'study'",
+        max_results=1,
+    )
+    if found:
+        return found[0].info.run_id
+    run = client.create_run(experiment_id, run_name=f"study:{study}", tags={STUDY_TAG: study, ROLE_TAG: "study"})
+    client.set_terminated(run.info.run_id, "FINISHED")
+    return run.info.run_id
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, params: Mapping[str, Any], study: str | None = None) -> Iterator[StageRun]:
+    """Open an MLflow run for one stage, nested under the study run, and log ``params``.
+
+    Args:
+        stage: stage name shown in the UI (e.g. ``train@2``).
+        params: the stage's resolved configuration (nested mappings are flattened).
+        study: study name; default ``CADALIGN_STUDY`` or ``default``.
+
+    Yields:
+        A :class:`StageRun`. On an exception the run is marked FAILED and the error re-raised.
+    """
+    if not is_rank_zero():
+        yield StageRun(None, None)
+        return
+    uri = tracking_uri()
+    study = study or os.environ.get("CADALIGN_STUDY", "default")
+    client = MlflowClient(tracking_uri=uri)
+    exp_id = _experiment_id(client, os.environ.get("MLFLOW_EXPERIMENT_NAME", "cadalign"), uri)
+    parent = _study_run_id(client, exp_id, study)
+    run = client.create_run(
+        exp_id,
+        run_name=stage,
+        tags={"mlflow.parentRunId": parent, STUDY_TAG: study, ROLE_TAG: "stage", "cadalign.stage": stage},
+    )
+    handle = StageRun(client, run.info.run_id)
+    logger.info("MLflow run %s (%s) in %s", stage, run.info.run_id, uri)
+    try:
+        handle.log_params(params)
+        yield handle
+    except BaseException:
+        client.set_terminated(run.info.run_id, "FAILED")
+        raise
+    client.set_terminated(run.info.run_id, "FINISHED")
+
+
