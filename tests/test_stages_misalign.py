@@ -13,6 +13,7 @@ import shapely
 from cadalign.config import ConfigError
 from cadalign.geo.polygons import read_polygons, to_pixels
 from cadalign.geo.tiles import read_info
+from cadalign.noise import sample_field
 from cadalign.stages import evaluate as evaluate_stage
 from cadalign.stages import misalign
 
@@ -104,3 +105,22 @@ def test_tile_outside_polygons_are_dropped(tmp_path: Path, tiny_city: Path) -> N
     out = run_misalign(tmp_path, tiny_city, write_params(tmp_path))
     assert len(read_polygons(out["truth"] / "tinytown2.gpkg")) == 0
     assert len(read_polygons(out["truth"] / "tinytown1.gpkg")) == 4
+
+
+def test_renoise_adds_a_second_field(tmp_path: Path, tiny_city: Path) -> None:
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+    base = run_misalign(tmp_path / "a", tiny_city, write_params(tmp_path / "a", amplitude=2.0))
+    renoised = run_misalign(
+        tmp_path / "b", tiny_city, write_params(tmp_path / "b", amplitude=2.0, extra="  renoise_displacement: 2.0\n")
+    )
+    with rasterio.open(renoised["fields"] / "tinytown1.tif") as src:
+        assert src.count == 4 and src.descriptions[2] == "renoise_dx_px"
+        extra = src.read((3, 4))
+    a = read_polygons(base["labels"] / "tinytown1.gpkg")
+    b = read_polygons(renoised["labels"] / "tinytown1.gpkg")
+    info = read_info(tiny_city / "images" / "tinytown1.tif")
+    (ga, _), (gb, _) = to_pixels(a, info.transform, info.crs), to_pixels(b, info.transform, info.crs)
+    xa = shapely.get_coordinates(ga)
+    # the re-noised labels are the first labels moved once more by the second field
+    np.testing.assert_allclose(shapely.get_coordinates(gb), xa - sample_field(extra, xa), atol=1e-6)

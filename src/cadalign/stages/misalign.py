@@ -5,7 +5,8 @@ For every tile of the city it writes, in the tile's own CRS:
 - ``--truth-out/<tile>.gpkg``: the true polygons, repaired and clipped to the tile (the
   reference every round is scored against);
 - ``--labels-out/<tile>.gpkg``: the noisy labels (round 0), same ids and vertex order;
-- ``--fields-out/<tile>.tif``: the displacement field (float32, bands dx, dy in pixels).
+- ``--fields-out/<tile>.tif``: the displacement field (float32, bands dx, dy in pixels; with
+  ``noise.renoise_displacement > 0`` two more bands hold the second field).
 
 Usage::
 
@@ -44,11 +45,18 @@ class NoiseConfig:
     n_bumps: int = 30  # Gaussian bumps per component, as in the reference
     coarse_factor: int = 4  # bumps evaluated at 1/4 resolution, then bilinear upsampling
     seed: int = 1
+    # Ablation "re-noised labels" (as in the paper): a second, independent field of this
+    # amplitude (px) moves the noisy labels once more. 0 disables it.
+    renoise_displacement: float = 0.0
 
     def validate(self) -> None:
         if not self.max_displacement >= 0:
             raise ValueError(
                 f"max_displacement = {self.max_displacement} is negative; set noise.max_displacement >= 0 (px)"
+            )
+        if not self.renoise_displacement >= 0:
+            raise ValueError(
+                f"renoise_displacement = {self.renoise_displacement}; set noise.renoise_displacement >= 0 (0 disables it)"
             )
         if self.n_bumps < 1:
             raise ValueError(f"n_bumps = {self.n_bumps}; set noise.n_bumps >= 1")
@@ -88,9 +96,17 @@ def misalign_city(
                 info.shape, cfg.max_displacement, cfg.n_bumps, tile_rng(cfg.seed, city, number), cfg.coarse_factor
             )
             noisy = noise.misalign(geoms, field)
+            bands = ("dx_px", "dy_px")
+            if cfg.renoise_displacement > 0:
+                extra = noise.random_displacement_field(
+                    info.shape, cfg.renoise_displacement, cfg.n_bumps,
+                    tile_rng(cfg.seed + 1, city, number), cfg.coarse_factor,
+                )
+                noisy = noise.misalign(noisy, extra)
+                field, bands = np.concatenate([field, extra]), bands + ("renoise_dx_px", "renoise_dy_px")
             write_polygons(truth_tmp / f"{name}.gpkg", *from_pixels(geoms, ids, info.transform, info.crs))
             write_polygons(labels_tmp / f"{name}.gpkg", *from_pixels(noisy, ids, info.transform, info.crs))
-            write_geotiff(fields_tmp / f"{name}.tif", field, info.transform, info.crs, descriptions=("dx_px", "dy_px"))
+            write_geotiff(fields_tmp / f"{name}.tif", field, info.transform, info.crs, descriptions=bands)
             for key, value in stats.as_dict().items():
                 totals[key] = totals.get(key, 0) + value
             logger.info("%s: %d buildings misaligned (max %.1f px)", name, len(geoms), cfg.max_displacement)

@@ -1,0 +1,59 @@
+"""Label sets of a round: ``<labels>/<city>/<tile>.gpkg`` next to ``<cities>/<city>/images/<tile>.tif``."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cadalign.geo.polygons import read_polygons, to_pixels
+from cadalign.geo.tiles import Tile, read_tile
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, eq=False)
+class LabelledTile:
+    """A tile with one label set in its pixel coordinates."""
+
+    city: str
+    name: str
+    tile: Tile
+    geoms: np.ndarray
+    ids: np.ndarray
+
+
+def label_files(labels_dir: Path) -> list[Path]:
+    """All ``<city>/<tile>.gpkg`` files of a label set, sorted.
+
+    Raises:
+        FileNotFoundError: if the folder is missing or holds no label file.
+    """
+    files = sorted(Path(labels_dir).glob("*/*.gpkg"))
+    if not files:
+        raise FileNotFoundError(
+            f"no labels under {labels_dir}/<city>/<tile>.gpkg; run the stage that writes them (dvc repro)"
+        )
+    return files
+
+
+def load_labelled_tiles(cities_dir: Path, labels_dir: Path) -> list[LabelledTile]:
+    """Read every labelled tile of a label set with its image.
+
+    Raises:
+        FileNotFoundError: if the label set is empty or an image is missing.
+        ValueError: if no tile has any polygon (nothing to learn from or to realign).
+    """
+    out = []
+    for path in label_files(labels_dir):
+        city, name = path.parent.name, path.stem
+        tile = read_tile(Path(cities_dir) / city / "images" / f"{name}.tif")
+        geoms, ids = to_pixels(read_polygons(path), tile.info.transform, tile.info.crs)
+        if len(geoms) == 0:
+            logger.warning("%s: no polygon in this tile's labels", path)
+        out.append(LabelledTile(city=city, name=name, tile=tile, geoms=geoms, ids=ids))
+    if not any(len(t.geoms) for t in out):
+        raise ValueError(f"{labels_dir}: every label file is empty; the round has nothing to learn from")
+    return out
