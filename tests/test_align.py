@@ -1,0 +1,242 @@
+"""Tests for sliding-window field prediction and coarse-to-fine realignment (fake models)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import pytest
+import shapely
+import torch
+from torch import nn
+
+from cadalign.align import AlignConfig, blend_windows, predict_field, realign, window_origins, window_weights
+from cadalign.config import ConfigError, from_dict
+from cadalign.geo.rasterize import rasterize_polygons
+
+DISP_MAX = 4.0
+
+
+class _Out(NamedTuple):
+    disp: list[torch.Tensor]
+    seg: list[torch.Tensor]
+
+
+class _Cfg(NamedTuple):
+    disp_max_px: float = DISP_MAX
+
+
+class CropModel(nn.Module):
+    """A valid-conv stand-in with a known margin: outputs a centre crop of its inputs.
+
+    ``source`` "image" returns image channels 0-1, "polys" returns polys channels 0-1, so the
+    predicted field reproduces the input at every pixel iff windows are placed right.
+    """
+
+    def __init__(self, margin: int, source: str = "image") -> None:
+        super().__init__()
+        self.margin, self.source, self.cfg = margin, source, _Cfg()
+        self.seen_training: list[bool] = []
+
+    def output_size(self, input_size: int) -> int:
+        return input_size - 2 * self.margin
+
+    def input_size(self, output_size: int) -> int:
+        return output_size + 2 * self.margin
+
+    def forward(self, image: torch.Tensor, polys: torch.Tensor) -> _Out:
+        self.seen_training.append(self.training)
+        src = image if self.source == "image" else polys
+        m = self.margin
+        crop = src[:, :2, m:-m, m:-m]
+        return _Out(disp=[crop], seg=[crop])
+
+
+class ConstantModel(CropModel):
+    """Outputs the same normalised displacement everywhere."""
+
+    def __init__(self, margin: int, value: tuple[float, float]) -> None:
+        super().__init__(margin)
+        self.value = torch.tensor(value, dtype=torch.float32).view(1, 2, 1, 1)
+
+    def forward(self, image: torch.Tensor, polys: torch.Tensor) -> _Out:
+        m = self.margin
+        disp = self.value.expand(image.shape[0], 2, image.shape[2] - 2 * m, image.shape[3] - 2 * m)
+        return _Out(disp=[disp], seg=[disp])
+
+
+class _EvenModel(CropModel):
+    """A model whose valid output sizes are even only (like a U-Net's pooling constraint)."""
+
+    def output_size(self, input_size: int) -> int:
+        return (input_size - 2 * self.margin) // 2 * 2
+
+
+def _image(height: int, width: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+
+
+def _geoms() -> np.ndarray:
+    """Boxes (one touching the border), a courtyard building, a MultiPolygon."""
+    return np.array(
+        [
+            shapely.box(0.5, 0.5, 9.0, 7.0),
+            shapely.Polygon(shapely.box(20, 10, 40, 30).exterior, [shapely.box(26, 16, 34, 24).exterior]),
+            shapely.MultiPolygon([shapely.box(44, 2, 50, 8), shapely.box(52, 3, 60, 12)]),
+            shapely.Polygon([(3, 30), (15, 28), (17, 40), (5, 43)]),
+        ],
+        dtype=object,
+    )
+
+
+CFG = AlignConfig(output_size=16, batch_size=5, progress=False)
+
+
+@pytest.mark.parametrize("kind", ["hann", "triangle", "flat"])
+@pytest.mark.parametrize("overlap", [0.0, 0.3, 0.5, 0.75])
+def test_blending_reconstructs_a_linear_field_without_seams(kind: str, overlap: float) -> None:
+    height, width, size = 37, 53, 12
+    stride = max(1, round(size * (1 - overlap)))
+    rows, cols = np.mgrid[-size : height + size, -size : width + size].astype(np.float64)
+    field = np.stack([0.3 * cols - 0.1 * rows + 2.0, 0.05 * cols + 0.2 * rows - 1.0])
+    outputs, origins = [], []
+    for r in window_origins(height, size, stride):
+        for c in window_origins(width, size, stride):
+            outputs.append(field[:, r + size : r + 2 * size, c + size : c + 2 * size])
+            origins.append((r, c))
+    blended = blend_windows(np.array(outputs), np.array(origins), (height, width), kind=kind)
+    np.testing.assert_allclose(blended, field[:, size:-size, size:-size], atol=1e-4)
+
+
+def test_blending_averages_instead_of_overwriting() -> None:
+    """Two windows disagreeing by a constant: the overlap gets a weighted mean, not either."""
+    ones, threes = np.ones((1, 1, 4, 4)), np.full((1, 1, 4, 4), 3.0)
+    out = blend_windows(np.concatenate([ones, threes]), np.array([(0, 0), (0, 2)]), (4, 6), kind="flat")
+    np.testing.assert_allclose(out[0, :, :2], 1.0)
+    np.testing.assert_allclose(out[0, :, 2:4], 2.0)
+    np.testing.assert_allclose(out[0, :, 4:], 3.0)
+    with pytest.raises(ValueError, match="covered by no window"):
+        blend_windows(ones, np.array([(0, 0)]), (4, 6))
+
+
+def test_hann_half_overlap_is_a_partition_of_unity() -> None:
+    profile = np.sqrt(np.diag(window_weights(20, "hann", floor=1e-9)))  # the 1-D weight
+    np.testing.assert_allclose(profile[:10] + profile[10:], 1.0)
+
+
+def test_window_origins_cover_every_pixel_equally() -> None:
+    for length, size, stride in [(37, 12, 6), (5, 12, 6), (100, 16, 16), (33, 10, 3)]:
+        origins = window_origins(length, size, stride)
+        counts = np.zeros(length, dtype=int)
+        for o in origins:
+            counts[max(o, 0) : max(min(o + size, length), 0)] += 1
+        # independent count: windows of the infinite lattice {first + k stride} holding x
+        lattice = origins[0] + stride * np.arange(-50, 50)
+        x = np.arange(length)[:, None]
+        np.testing.assert_array_equal(counts, ((lattice <= x) & (x < lattice + size)).sum(axis=1))
+        assert counts.min() >= 1
+
+
+@pytest.mark.parametrize(("height", "width"), [(45, 70), (9, 30)])
+def test_predict_field_places_windows_on_the_image_including_borders(height: int, width: int) -> None:
+    """A crop model returns its own input: the field must equal the image at every pixel."""
+    image = _image(height, width)
+    model = CropModel(margin=6)
+    field = predict_field(model, image, np.array([], dtype=object), "cpu", CFG)
+    expected = (image[:, :, :2].transpose(2, 0, 1).astype(np.float64) / 127.5 - 1.0) * DISP_MAX
+    assert field.shape == (2, height, width) and field.dtype == np.float32
+    np.testing.assert_allclose(field, expected, atol=1e-4)
+
+
+def test_predict_field_rasterizes_polygons_on_the_padded_grid() -> None:
+    image = _image(48, 64)
+    geoms = _geoms()
+    field = predict_field(CropModel(margin=10, source="polys"), image, geoms, "cpu", CFG)
+    expected = rasterize_polygons(geoms, (48, 64))[:2].astype(np.float64) * DISP_MAX
+    np.testing.assert_allclose(field, expected, atol=1e-4)
+
+
+def test_predict_field_restores_training_mode_and_rejects_bad_input() -> None:
+    model = CropModel(margin=6)
+    model.train()
+    predict_field(model, _image(20, 20), _geoms(), "cpu", CFG)
+    assert model.training and model.seen_training and not any(model.seen_training)
+    with pytest.raises(ValueError, match=r"image must be an \(H, W, 3\) uint8 array"):
+        predict_field(model, np.zeros((20, 20), np.uint8), _geoms(), "cpu", CFG)
+    with pytest.raises(ValueError, match="align.output_size=15 is not a valid output size"):
+        predict_field(_EvenModel(margin=5), _image(20, 20), _geoms(), "cpu", AlignConfig(output_size=15))
+
+
+class _LyingModel(CropModel):
+    """Claims a 6 px margin but crops 5 px: its outputs are 2 px too large."""
+
+    def forward(self, image: torch.Tensor, polys: torch.Tensor) -> _Out:
+        crop = image[:, :2, 5:-5, 5:-5]
+        return _Out(disp=[crop], seg=[crop])
+
+
+def test_predict_field_rejects_outputs_of_the_wrong_size() -> None:
+    with pytest.raises(ValueError, match=r"model returned disp\[0\] of shape \(5, 2, 18, 18\)"):
+        predict_field(_LyingModel(margin=6), _image(40, 40), _geoms(), "cpu", CFG)
+
+
+def test_realign_constant_field_moves_every_vertex_by_ds_c_dispmax() -> None:
+    image = _image(64, 96)
+    geoms = _geoms()
+    c = (0.25, -0.5)
+    for ds in (1, 2, 4):
+        out = realign({ds: ConstantModel(6, c)}, image, geoms, "cpu", CFG)
+        shift = np.array(c) * DISP_MAX * ds
+        expected = shapely.get_coordinates(geoms) + shift
+        np.testing.assert_allclose(shapely.get_coordinates(out), expected, atol=1e-5)
+    # a chain applies every level
+    chain = {4: ConstantModel(6, c), 2: ConstantModel(6, c), 1: ConstantModel(6, c)}
+    out = realign(chain, image, geoms, "cpu", CFG)
+    total = np.array(c) * DISP_MAX * (4 + 2 + 1)
+    expected = shapely.get_coordinates(geoms) + total
+    np.testing.assert_allclose(shapely.get_coordinates(out), expected, atol=1e-5)
+    # structure kept: types, holes, parts, vertex counts and order
+    assert list(shapely.get_type_id(out)) == list(shapely.get_type_id(geoms))
+    assert list(shapely.get_num_interior_rings(out)) == list(shapely.get_num_interior_rings(geoms))
+    assert list(shapely.get_num_geometries(out)) == list(shapely.get_num_geometries(geoms))
+    assert list(shapely.get_num_coordinates(out)) == list(shapely.get_num_coordinates(geoms))
+
+
+def test_realign_levels_run_coarse_to_fine_on_moved_polygons() -> None:
+    """The polys seen by the finer level are the ones the coarser level already moved."""
+    image = _image(64, 64)
+    geoms = np.array([shapely.box(20, 20, 36, 36)], dtype=object)
+    seen = {}
+
+    class Recorder(ConstantModel):
+        def __init__(self, ds: int) -> None:
+            super().__init__(6, (0.5, 0.0))
+            self.ds = ds
+
+        def forward(self, image: torch.Tensor, polys: torch.Tensor) -> _Out:
+            m = self.margin
+            seen.setdefault(self.ds, []).append(polys[:, 0, m:-m, m:-m].sum().item())
+            return super().forward(image, polys)
+
+    out = realign({2: Recorder(2), 1: Recorder(1)}, image, geoms, "cpu", CFG)
+    assert sorted(seen) == [1, 2]
+    # 2 px at ds=2 = 4 px, then 2 px at ds=1
+    np.testing.assert_allclose(shapely.get_coordinates(out), shapely.get_coordinates(geoms) + (6.0, 0.0))
+
+
+def test_realign_empty_and_errors() -> None:
+    model = ConstantModel(6, (0.1, 0.1))
+    out = realign({1: model}, _image(32, 32), np.array([], dtype=object), "cpu", CFG)
+    assert isinstance(out, np.ndarray) and len(out) == 0
+    with pytest.raises(ValueError, match="models is empty"):
+        realign({}, _image(32, 32), _geoms(), "cpu", CFG)
+    with pytest.raises(ValueError, match="downsampling factor 0 must be a positive integer"):
+        realign({0: model}, _image(32, 32), _geoms(), "cpu", CFG)
+
+
+def test_config_validation() -> None:
+    with pytest.raises(ConfigError, match="overlap=1.0 must be in"):
+        from_dict(AlignConfig, {"overlap": 1.0}, "params.yaml: align")
+    with pytest.raises(ConfigError, match="is not one of"):
+        from_dict(AlignConfig, {"window": "gauss"}, "params.yaml: align")
+    assert from_dict(AlignConfig, {"output_size": 60}, "params.yaml: align").stride == 30

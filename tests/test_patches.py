@@ -1,0 +1,254 @@
+"""Tests for the on-the-fly patch sampler (small patches so the file runs in seconds)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import shapely
+import torch
+
+from cadalign.config import ConfigError, from_dict
+from cadalign.geo.rasterize import rasterize_polygons
+from cadalign.noise import sample_field
+from cadalign.patches import PatchConfig, PatchDataset, PatchSampler, TileData, downsample_image, scale_geoms
+
+SMALL = {"input_size": 60, "output_size": 20}  # margin 20, crop 89 px
+# A per-crop field over 89 px is much rougher than production's over 316 px (S = 220);
+# spreading the field over 320 px gives these small patches production-like smoothness.
+SMOOTH = {**SMALL, "field_extent": 320.0}
+
+
+def _tile(seed: int = 0, size: int = 160, n: int = 40, image: np.ndarray | None = None) -> TileData:
+    """A seeded tile: rotated boxes, one building with a courtyard, one MultiPolygon."""
+    rng = np.random.default_rng(seed)
+    geoms = []
+    for _ in range(n):
+        x, y = rng.uniform(5, size - 25, size=2)
+        w, h = rng.uniform(5, 18, size=2)
+        geoms.append(shapely.affinity.rotate(shapely.box(x, y, x + w, y + h), rng.uniform(0, 90)))
+    courtyard = shapely.Polygon(shapely.box(60, 60, 90, 90).exterior, [shapely.box(70, 70, 80, 80).exterior])
+    geoms.append(courtyard)
+    geoms.append(shapely.MultiPolygon([shapely.box(100, 20, 110, 30), shapely.box(115, 20, 125, 30)]))
+    labels = np.array(geoms, dtype=object)
+    if image is None:
+        image = rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8)
+    return TileData(image=image, labels=labels, ids=np.arange(len(labels)))
+
+
+def _vertex_pairs(patch, cfg: PatchConfig, inset: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Label and misaligned input vertices (output-window frame), both inside the window."""
+    labels = shapely.get_coordinates(patch.labels) - cfg.margin
+    inputs = shapely.get_coordinates(patch.inputs) - cfg.margin
+    inside = np.all((labels > inset) & (labels < cfg.output_size - inset), axis=1)
+    inside &= np.all((inputs > inset) & (inputs < cfg.output_size - inset), axis=1)
+    return labels[inside], inputs[inside]
+
+
+ANGLES = (0.0, 0.3, math.pi / 2, 2.0, math.pi, 4.5)
+
+
+@pytest.mark.parametrize(("angle", "flipped"), list(itertools.product(ANGLES, (False, True))))
+def test_target_field_moves_inputs_onto_labels(angle: float, flipped: bool) -> None:
+    """KEY: the target field, sampled at the transformed inputs, lands them on the labels."""
+    cfg = PatchConfig(**SMOOTH, keep_prob=1.0)
+    sampler = PatchSampler([_tile(n=80)], cfg)
+    checked = 0
+    for k in range(4):
+        patch = sampler.draw(np.random.default_rng(k), angle=angle, flipped=flipped)
+        assert patch.angle == angle and patch.flipped == flipped
+        labels, inputs = _vertex_pairs(patch, cfg)
+        moved = inputs + sample_field(patch.field_px, inputs)
+        # inverse target: exact up to bilinear interpolation of the field (< 0.05 px)
+        np.testing.assert_array_less(np.linalg.norm(moved - labels, axis=1), 0.05)
+        # the normalised target is the same field, clipped like the tanh output
+        np.testing.assert_allclose(patch.disp, np.clip(patch.field_px / cfg.max_displacement, -1, 1))
+        checked += len(labels)
+    assert checked > 20  # the check did look at vertices
+
+
+def test_target_field_reference_mode_and_vector_rotation_is_discriminating() -> None:
+    """With the reference target F, F sampled at the true vertex equals label - input.
+
+    And the check does fail if the vectors were not rotated with the patch.
+    """
+    cfg = PatchConfig(**SMOOTH, keep_prob=1.0, inverse_target=False)
+    sampler = PatchSampler([_tile(n=80)], cfg)
+    for angle, flipped in [(0.0, False), (2.0, True), (math.pi / 2, False), (4.5, True)]:
+        checked = 0
+        for k in range(3):
+            patch = sampler.draw(np.random.default_rng(k), angle=angle, flipped=flipped)
+            labels, inputs = _vertex_pairs(patch, cfg)
+            checked += len(labels)
+            # u = v - F(v): the field at the (transformed) true vertex is the move, up to
+            # interpolation of the rotated, piecewise-bilinear field.
+            np.testing.assert_allclose(sample_field(patch.field_px, labels), labels - inputs, atol=0.05)
+            if angle == math.pi / 2 and len(labels):
+                # a field whose vectors were only moved spatially (not rotated) misses by ~|F|
+                unrotated = np.stack([-patch.field_px[1], patch.field_px[0]])
+                moves = np.linalg.norm(labels - inputs, axis=1)
+                wrong = np.linalg.norm(sample_field(unrotated, labels) - (labels - inputs), axis=1)
+                assert moves.max() > 0.2
+                np.testing.assert_array_less(moves, wrong)  # sqrt(2) |F| expected
+        assert checked > 10
+
+
+def test_image_follows_the_geometry_under_rotation_and_flip() -> None:
+    """A tile whose image is its own label mask: the warped image matches the moved labels."""
+    size = 160
+    base = _tile(size=size)
+    mask = rasterize_polygons(base.labels, (size, size))[0]
+    image = np.repeat((mask * 255).astype(np.uint8)[:, :, None], 3, axis=2)
+    tile = TileData(image=image, labels=base.labels, ids=base.ids)
+    cfg = PatchConfig(**SMALL, brightness=0.0, contrast=0.0, saturation=0.0)
+    sampler = PatchSampler([tile], cfg)
+    for angle, flipped in [(0.0, False), (0.7, True), (3.0, False), (5.0, True)]:
+        patch = sampler.draw(np.random.default_rng(3), angle=angle, flipped=flipped)
+        seen = patch.image[0] > 0
+        burned = rasterize_polygons(patch.labels, (cfg.input_size, cfg.input_size))[0] > 0
+        iou = (seen & burned).sum() / max((seen | burned).sum(), 1)
+        assert iou > 0.85, (angle, flipped, iou)
+
+
+def test_image_is_resampled_exactly_through_the_patch_transform() -> None:
+    """Image value = 0.6 x tile coordinate: at each moved vertex it reads the vertex's origin."""
+    size = 400
+    base = _tile(size=size, n=60)
+    centres = 0.6 * (np.arange(size) + 0.5)
+    image = np.zeros((size, size, 3), dtype=np.uint8)
+    image[:, :, 0] = np.round(centres)[None, :]  # x
+    image[:, :, 1] = np.round(centres)[:, None]  # y
+    tile = TileData(image=image, labels=base.labels, ids=base.ids)
+    cfg = PatchConfig(**SMALL, brightness=0.0, contrast=0.0, saturation=0.0)
+    sampler = PatchSampler([tile], cfg)
+    errors = []
+    transforms = [(0.0, False), (0.4, True), (2.5, False), (4.0, True), (1.0, False)]
+    for k, (angle, flipped) in enumerate(transforms * 4):
+        patch = sampler.draw(np.random.default_rng(k), angle=angle, flipped=flipped)
+        moved = shapely.get_coordinates(patch.labels)
+        origin = shapely.get_coordinates(base.labels[patch.indices])
+        inside = np.all((moved > 1) & (moved < cfg.input_size - 1), axis=1)
+        values = (patch.image[:2] + 1.0) * 127.5  # back to 0..255
+        errors.append(sample_field(values, moved[inside]) - 0.6 * origin[inside])
+    errors = np.concatenate(errors)
+    assert len(errors) > 150
+    assert np.abs(errors).max() < 1.0  # rounding of the tile image and of cv2's fixed point
+    assert np.abs(errors.mean(axis=0)).max() < 0.1  # no sub-pixel bias (0.5 px would give 0.3)
+
+
+def test_output_window_holds_a_true_vertex_and_ranges() -> None:
+    cfg = PatchConfig(**SMALL)
+    dataset = PatchDataset([_tile()], cfg)
+    sampler = dataset.sampler
+    size, out, m = cfg.input_size, cfg.output_size, cfg.margin
+    for k in range(12):
+        patch = sampler.draw(dataset.generator(k))
+        coords = shapely.get_coordinates(patch.labels)
+        assert np.any(np.all((coords >= m) & (coords <= m + out), axis=1))
+        sample = patch.as_tensors()
+        shapes = {
+            "image": (3, size, size),
+            "polys": (3, size, size),
+            "disp": (2, out, out),
+            "seg": (4, out, out),
+        }
+        for name, shape in shapes.items():
+            assert sample[name].shape == shape and sample[name].dtype == torch.float32
+        assert sample["image"].min() >= -1 and sample["image"].max() <= 1
+        assert sample["image"].max() - sample["image"].min() > 0.5  # not a blank image
+        assert sample["disp"].abs().max() <= 1
+        seg = sample["seg"]
+        assert torch.equal(seg[0], 1 - seg[1:].amax(dim=0))
+        assert torch.equal(sample["polys_out"], sample["polys"][:, m : m + out, m : m + out])
+
+
+def test_polygon_dropping_input_only() -> None:
+    keep = 0.3
+    cfg = PatchConfig(**SMALL, keep_prob=keep)
+    sampler = PatchSampler([_tile()], cfg)
+    kept = total = 0
+    for k in range(30):
+        patch = sampler.draw(np.random.default_rng(100 + k))
+        kept += int(patch.kept.sum())
+        total += len(patch.kept)
+        size, out, m = cfg.input_size, cfg.output_size, cfg.margin
+        np.testing.assert_array_equal(patch.polys, rasterize_polygons(patch.inputs[patch.kept], (size, size)))
+        everything = rasterize_polygons(patch.labels, (out, out), offset=(m, m))
+        np.testing.assert_array_equal(patch.seg[1:], everything)  # all labels in the target
+    assert total > 300
+    sigma = math.sqrt(keep * (1 - keep) / total)
+    assert abs(kept / total - keep) < 4 * sigma
+
+
+def test_deterministic_per_seed_worker_and_stream() -> None:
+    tiles = [_tile(0), _tile(1)]
+    cfg = PatchConfig(**SMALL)
+    first = list(itertools.islice(iter(PatchDataset(tiles, cfg)), 3))
+    again = list(itertools.islice(iter(PatchDataset(tiles, cfg)), 3))
+    for a, b in zip(first, again, strict=True):
+        for name in a:
+            assert torch.equal(a[name], b[name])
+    dataset = PatchDataset(tiles, cfg)
+    assert torch.equal(dataset.sample(2)["image"], first[2]["image"])
+    others = [
+        dataset.sample(0, worker=1),
+        PatchDataset(tiles, PatchConfig(**SMALL, seed=1)).sample(0),
+        PatchDataset(tiles, cfg, rank=1).sample(0),
+        PatchDataset(tiles, cfg, stream=5).sample(0),
+    ]
+    for other in others:
+        assert not torch.equal(other["disp"], first[0]["disp"])
+
+
+def test_field_extent_gives_smoother_fields() -> None:
+    """A field spanning a larger extent varies less over the patch than a per-crop field."""
+    rough = PatchSampler([_tile()], PatchConfig(**SMALL))
+    smooth = PatchSampler([_tile()], PatchConfig(**SMALL, field_extent=1000.0))
+
+    def mean_gradient(sampler: PatchSampler) -> float:
+        fields = [sampler.draw(np.random.default_rng(k)).field_px for k in range(6)]
+        grads = [np.abs(np.diff(field, axis=2)).mean() for field in fields]
+        return float(np.mean(grads))
+
+    assert mean_gradient(smooth) < 0.5 * mean_gradient(rough)
+
+
+def test_downsample_area_average_and_label_scale() -> None:
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, size=(64, 96, 3), dtype=np.uint8)
+    small, (sx, sy) = downsample_image(image, 4)
+    assert small.shape == (16, 24, 3) and (sx, sy) == (0.25, 0.25)
+    block_mean = image.reshape(16, 4, 24, 4, 3).mean(axis=(1, 3))
+    assert np.abs(small - block_mean).max() <= 0.5 + 1e-9
+    geoms = np.array([shapely.box(8, 4, 40, 20)], dtype=object)
+    assert shapely.equals(scale_geoms(geoms, sx, sy)[0], shapely.box(2, 1, 10, 5))
+    with pytest.raises(ValueError, match="ds=0"):
+        downsample_image(image, 0)
+
+
+def test_downsampled_sampler_uses_scaled_labels() -> None:
+    tile = _tile(size=320)
+    sampler = PatchSampler([tile], PatchConfig(**SMALL, ds=2))
+    assert sampler.tiles[0].image.shape == (160, 160, 3)
+    np.testing.assert_allclose(sampler.tiles[0].vertices, shapely.get_coordinates(tile.labels) / 2)
+
+
+def test_errors_name_the_problem() -> None:
+    with pytest.raises(ConfigError, match="must be even"):
+        from_dict(PatchConfig, {"input_size": 60, "output_size": 25}, "params.yaml: patches")
+    with pytest.raises(ConfigError, match="unknown key 'patches.keep'"):
+        from_dict(PatchConfig, {"keep": 0.1}, "params.yaml: patches")
+    with pytest.raises(ConfigError, match="keep_prob"):
+        from_dict(PatchConfig, {"keep_prob": 0.0}, "params.yaml: patches")
+    no_labels = np.array([], dtype=object)
+    empty = TileData(np.zeros((50, 50, 3), np.uint8), no_labels, np.array([], dtype=np.int64))
+    with pytest.raises(ValueError, match="none of the 1 tiles has a label vertex"):
+        PatchSampler([empty], PatchConfig(**SMALL))
+    gray = TileData(np.zeros((50, 50), np.uint8), _tile().labels, _tile().ids)
+    with pytest.raises(ValueError, match=r"tile 0: image must be \(H, W, 3\) uint8"):
+        PatchSampler([gray], PatchConfig(**SMALL))
+    # a tile without labels next to a labelled one is skipped, never sampled
+    sampler = PatchSampler([empty, _tile()], PatchConfig(**SMALL))
+    assert {sampler.draw(np.random.default_rng(k)).tile for k in range(5)} == {1}
