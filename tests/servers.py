@@ -15,12 +15,15 @@ Usage::
 
 from __future__ import annotations
 
+import io
 import re
 import socket
 import struct
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import py7zr
 
 _RANGE_RE = re.compile(r"bytes=(\d+)-$")
 
@@ -159,3 +162,19 @@ class LocalServer:
             h.connection.shutdown(socket.SHUT_WR)
         h.connection.close()
         h.close_connection = True
+
+
+def split_bytes(data: bytes, n: int) -> list[bytes]:
+    """Cut ``data`` into ``n`` consecutive parts (split archive volumes); the last may be shorter."""
+    step = -(-len(data) // n)
+    return [data[i * step : (i + 1) * step] for i in range(n)]
+
+
+def seven_zip(members: dict[str, bytes]) -> bytes:
+    """A 7z archive holding ``members`` (name -> bytes), with a plain (unencoded) header."""
+    buf = io.BytesIO()
+    with py7zr.SevenZipFile(buf, "w") as archive:
+        archive.encoded_header_mode = False  # plain header, so a test can rewrite a name
+        for name, data in members.items():
+            archive.writestr(data, name)
+    return buf.getvalue()

@@ -12,7 +12,6 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-import py7zr
 import pytest
 import rasterio
 import rasterio.features
@@ -32,24 +31,10 @@ from cadalign.sources.inria import (
     fetch_city,
     mask_to_polygons,
 )
-from servers import LocalServer, Reply, Route
+from servers import LocalServer, Reply, Route, seven_zip, split_bytes
 
 CRS_BY_CITY = {"austin": "EPSG:32614", "bellingham": "EPSG:32610"}
 TILES = {"austin": [1, 2, 3], "bellingham": [1, 2]}
-
-
-def _split(data: bytes, n: int) -> list[bytes]:
-    step = -(-len(data) // n)
-    return [data[i * step : (i + 1) * step] for i in range(n)]
-
-
-def _seven_zip(members: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with py7zr.SevenZipFile(buf, "w") as archive:
-        archive.encoded_header_mode = False  # plain header, so a test can rewrite a name
-        for name, data in members.items():
-            archive.writestr(data, name)
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +57,7 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> dict:
         for path in sorted(root.rglob("*.tif")):
             zf.write(path, path.relative_to(root.parent).as_posix())
     zip_bytes = zip_path.read_bytes()
-    volumes = _split(_seven_zip({ZIP_NAME: zip_bytes}), len(PARTS))
+    volumes = split_bytes(seven_zip({ZIP_NAME: zip_bytes}), len(PARTS))
     return {"root": root, "zip": zip_path, "md5": hashlib.md5(zip_bytes).hexdigest(), "volumes": volumes}
 
 
@@ -203,13 +188,13 @@ def test_malicious_zip_member_refused(server, dataset, tmp_path):
 
 
 def test_malicious_7z_member_refused(server, dataset, tmp_path):
-    archive = bytearray(_seven_zip({ZIP_NAME: dataset["zip"].read_bytes(), "ab/evil.txt": b"x"}))
+    archive = bytearray(seven_zip({ZIP_NAME: dataset["zip"].read_bytes(), "ab/evil.txt": b"x"}))
     at = archive.find("ab/evil.txt".encode("utf-16-le"))
     archive[at : at + 4] = "..".encode("utf-16-le")  # py7zr refuses to write such a name itself
     offset, size = struct.unpack("<QQ", archive[12:28])
     archive[28:32] = struct.pack("<I", zlib.crc32(archive[32 + offset : 32 + offset + size]))
     archive[8:12] = struct.pack("<I", zlib.crc32(archive[12:32]))
-    for name, data in zip(PARTS, _split(bytes(archive), len(PARTS)), strict=True):
+    for name, data in zip(PARTS, split_bytes(bytes(archive), len(PARTS)), strict=True):
         server.routes[f"/aerial/{name}"].data = data
     with pytest.raises(InriaError, match=r"refusing member '../evil.txt'"):
         fetch_city("austin", [1], _cfg(server, dataset, tmp_path), tmp_path / "out")

@@ -41,7 +41,7 @@ def test_misalign_then_evaluate_matches_field(tmp_path: Path, tiny_city: Path) -
     assert sorted(p.name for p in out["labels"].iterdir()) == ["tinytown1.gpkg", "tinytown2.gpkg"]
     metrics_path, curve_path = tmp_path / "eval" / "metrics.json", tmp_path / "eval" / "acc.csv"
     evaluate_stage.main(
-        ["--name", "round0", "--cities-dir", str(tiny_city.parent), "--truth", str(tmp_path / "truth"),
+        ["--params", str(tmp_path / "params.yaml"), "--name", "round0", "--cities-dir", str(tiny_city.parent), "--truth", str(tmp_path / "truth"),
          "--labels", str(tmp_path / "labels"), "--metrics", str(metrics_path), "--curve", str(curve_path)]
     )
     metrics = json.loads(metrics_path.read_text())
@@ -92,7 +92,7 @@ def test_missing_labels_named(tmp_path: Path, tiny_city: Path) -> None:
     (tmp_path / "labels" / "tinytown" / "tinytown2.gpkg").unlink()
     with pytest.raises(FileNotFoundError, match="tinytown2.gpkg"):
         evaluate_stage.main(
-            ["--name", "r", "--cities-dir", str(tiny_city.parent), "--truth", str(tmp_path / "truth"),
+            ["--params", str(tmp_path / "params.yaml"), "--name", "r", "--cities-dir", str(tiny_city.parent), "--truth", str(tmp_path / "truth"),
              "--labels", str(tmp_path / "labels"), "--metrics", str(tmp_path / "m.json"), "--curve", str(tmp_path / "c.csv")]
         )
 

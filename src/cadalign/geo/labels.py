@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -25,29 +26,34 @@ class LabelledTile:
     ids: np.ndarray
 
 
-def label_files(labels_dir: Path) -> list[Path]:
-    """All ``<city>/<tile>.gpkg`` files of a label set, sorted.
+def label_files(labels_dir: Path, cities: Sequence[str]) -> list[Path]:
+    """The ``<city>/<tile>.gpkg`` files of the study's cities in a label set, sorted.
+
+    Folders of cities no longer in params.yaml are ignored.
 
     Raises:
-        FileNotFoundError: if the folder is missing or holds no label file.
+        FileNotFoundError: if a city's folder is missing or holds no label file.
     """
-    files = sorted(Path(labels_dir).glob("*/*.gpkg"))
-    if not files:
-        raise FileNotFoundError(
-            f"no labels under {labels_dir}/<city>/<tile>.gpkg; run the stage that writes them (dvc repro)"
-        )
+    files = []
+    for city in sorted(cities):
+        found = sorted((Path(labels_dir) / city).glob("*.gpkg"))
+        if not found:
+            raise FileNotFoundError(
+                f"no labels of city {city!r} under {labels_dir}/{city}/; run the stage that writes them (dvc repro)"
+            )
+        files += found
     return files
 
 
-def load_labelled_tiles(cities_dir: Path, labels_dir: Path) -> list[LabelledTile]:
-    """Read every labelled tile of a label set with its image.
+def load_labelled_tiles(cities_dir: Path, labels_dir: Path, cities: Sequence[str]) -> list[LabelledTile]:
+    """Read every labelled tile of the study's cities in a label set, with its image.
 
     Raises:
         FileNotFoundError: if the label set is empty or an image is missing.
         ValueError: if no tile has any polygon (nothing to learn from or to realign).
     """
     out = []
-    for path in label_files(labels_dir):
+    for path in label_files(labels_dir, cities):
         city, name = path.parent.name, path.stem
         tile = read_tile(Path(cities_dir) / city / "images" / f"{name}.tif")
         geoms, ids = to_pixels(read_polygons(path), tile.info.transform, tile.info.crs)

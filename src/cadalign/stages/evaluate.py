@@ -1,8 +1,11 @@
 """DVC stage: score a set of labels against the true polygons, per vertex.
 
-Reads every ``<truth>/<city>/<tile>.gpkg``, the labels of the same name under ``--labels``
-and the tile's georeferencing under ``--cities-dir``; writes the summary metrics (JSON, a
-DVC metric) and the accuracy curve (CSV with columns ``tau,accuracy``, a DVC plot).
+Reads every ``<truth>/<city>/<tile>.gpkg`` of the cities in params.yaml, the labels of the
+same name under ``--labels`` and the tile's georeferencing under ``--cities-dir``; writes the
+summary metrics (JSON, a DVC metric) and the accuracy curve (CSV with columns
+``tau,accuracy``, a DVC plot). Next to the vertex metric, ``mask_offset`` holds the
+mask-based residual of each label polygon (best translation within +-32 px against the
+tile's building mask), the measure that also works for labels without vertex truth.
 
 Usage::
 
@@ -20,6 +23,9 @@ import numpy as np
 
 from cadalign import evaluate
 from cadalign.atomic import write_json, write_text
+from cadalign.config import load_cities
+from cadalign.geo.labels import label_files
+from cadalign.geo.mask_metric import label_offsets, summarize_by_city
 from cadalign.geo.polygons import read_polygons, to_pixels
 from cadalign.geo.tiles import read_info
 from cadalign.stages.common import make_parser, setup_logging
@@ -28,15 +34,15 @@ from cadalign.tracking import stage_run
 logger = logging.getLogger(__name__)
 
 
-def tile_errors(cities_dir: Path, truth_dir: Path, labels_dir: Path) -> dict[str, dict[str, np.ndarray]]:
-    """Per-vertex errors of every tile, grouped by city: {city: {tile: errors}}.
+def tile_errors(
+    cities_dir: Path, truth_dir: Path, labels_dir: Path, cities: list[str]
+) -> dict[str, dict[str, np.ndarray]]:
+    """Per-vertex errors of every tile of the study's cities: {city: {tile: errors}}.
 
     Raises:
-        FileNotFoundError: if the truth folder is empty or a tile's labels are missing.
+        FileNotFoundError: if a city has no true polygons or a tile's labels are missing.
     """
-    truth_files = sorted(truth_dir.glob("*/*.gpkg"))
-    if not truth_files:
-        raise FileNotFoundError(f"no true polygons under {truth_dir}/<city>/*.gpkg; run the misalign stage first")
+    truth_files = label_files(truth_dir, cities)
     out: dict[str, dict[str, np.ndarray]] = {}
     for truth_path in truth_files:
         city, tile = truth_path.parent.name, truth_path.stem
@@ -66,7 +72,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     setup_logging()
     with stage_run(f"evaluate@{args.name}", {"labels": str(args.labels), "name": args.name}) as run:
-        per_city = tile_errors(args.cities_dir, args.truth, args.labels)
+        cities = sorted(load_cities(args.params))
+        per_city = tile_errors(args.cities_dir, args.truth, args.labels, cities)
         all_errors = np.concatenate([e for tiles in per_city.values() for e in tiles.values()])
         if len(all_errors) == 0:
             raise ValueError(f"{args.labels}: the labels matched no true vertex (empty labels?); rerun the stage that writes them")
@@ -76,6 +83,7 @@ def main(argv: list[str] | None = None) -> None:
             for city, tiles in per_city.items()
             if sum(len(e) for e in tiles.values())
         }
+        metrics["mask_offset"] = summarize_by_city(label_offsets(args.cities_dir, args.labels, cities=cities))
         taus, curve = evaluate.accuracy_curve(all_errors)
         write_json(args.metrics, metrics)
         write_text(args.curve, "tau,accuracy\n" + "".join(f"{t:.2f},{a:.6f}\n" for t, a in zip(taus, curve, strict=True)))

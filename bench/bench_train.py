@@ -1,0 +1,155 @@
+"""Training throughput of the alignment network: eager float32 vs the optimized path.
+
+Times full training steps (forward, loss, backward, AdamW step) on random tensors, after
+warm-up (which also absorbs torch.compile's compilation), in one run:
+
+- ``eager-fp32``: the plain model, float32, NCHW;
+- ``optimized``: on CUDA bfloat16 autocast + channels_last + torch.compile (the path of
+  :func:`cadalign.train.train`); on CPU torch.compile alone in float32 (bf16 autocast is
+  skipped, as training runs float32 there, and channels_last is left out: it was slower
+  with compile on CPU here).
+
+Usage::
+
+    python bench/bench_train.py                       # reference model, 220 px, batch 8
+    python bench/bench_train.py --device cpu --image-widths 8 16 32 64 \\
+        --poly-widths 4 8 16 32 --batch-size 2 --steps 5
+
+The results are printed as a table (the script's output, not a log).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from collections.abc import Callable
+
+import torch
+
+from cadalign.model import AlignNet, LossConfig, ModelConfig, alignment_loss
+from cadalign.train import Runtime, TrainConfig, setup_runtime
+
+logger = logging.getLogger(__name__)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def make_step(
+    model_cfg: ModelConfig, rt: Runtime, batch_size: int, input_size: int, optimized: bool, seed: int
+) -> Callable[[], float]:
+    """Build a model, an optimizer and a random batch; return a function doing one step.
+
+    Args:
+        model_cfg: network settings.
+        rt: device and precision (autocast used only when ``optimized``).
+        batch_size: patches per step.
+        input_size: patch side (a valid input size of the network).
+        optimized: torch.compile, plus channels_last and bf16 autocast on CUDA.
+        seed: seed of the weights and the random batch.
+
+    Returns:
+        A function running one training step and returning the loss.
+    """
+    torch.manual_seed(seed)
+    model = AlignNet(model_cfg).to(rt.device)
+    out = model.output_size(input_size)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    image = (torch.rand(batch_size, 3, input_size, input_size, generator=g) * 2 - 1).to(rt.device)
+    polys = (torch.rand(batch_size, 3, input_size, input_size, generator=g) > 0.7).float().to(rt.device)
+    disp = (torch.rand(batch_size, 2, out, out, generator=g) - 0.5).to(rt.device)
+    seg = (torch.rand(batch_size, 4, out, out, generator=g) > 0.5).float().to(rt.device)
+    margin = (input_size - out) // 2
+    polys_out = polys[..., margin : margin + out, margin : margin + out].contiguous()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    loss_cfg = LossConfig()
+    net: torch.nn.Module = model
+    if optimized and rt.device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+        image = image.contiguous(memory_format=torch.channels_last)
+        polys = polys.contiguous(memory_format=torch.channels_last)
+    if optimized:
+        net = torch.compile(model)
+
+    def step() -> float:
+        with rt.autocast() if optimized else torch.autocast(rt.device.type, enabled=False):
+            prediction = net(image, polys)
+        loss, _ = alignment_loss(prediction, disp, seg, polys_out, 0, loss_cfg)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+
+    return step
+
+
+def measure(step: Callable[[], float], device: torch.device, warmup: int, steps: int) -> float:
+    """Seconds per step, averaged over ``steps`` after ``warmup`` untimed steps."""
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    return (time.perf_counter() - start) / steps
+
+
+def main() -> None:
+    """Parse arguments, time both paths, print the table."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    defaults = ModelConfig()
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--input-size", type=int, default=220, help="patch side in px (valid input)")
+    parser.add_argument("--image-widths", type=int, nargs="+", default=list(defaults.image_widths))
+    parser.add_argument("--poly-widths", type=int, nargs="+", default=list(defaults.poly_widths))
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps (include compilation)")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per mode")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    model_cfg = ModelConfig(
+        image_widths=tuple(args.image_widths),
+        poly_widths=tuple(args.poly_widths),
+        deep_supervision_levels=min(3, len(args.image_widths) - 1),
+    )
+    rt = setup_runtime(TrainConfig(device=args.device, amp=True, seed=args.seed))
+    probe = AlignNet(model_cfg)
+    out_size = probe.output_size(args.input_size)  # raises with valid sizes named
+    n_params = sum(p.numel() for p in probe.parameters())
+    on_cuda = rt.device.type == "cuda"
+    name = torch.cuda.get_device_name(rt.device) if on_cuda else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"device: {rt.device} {name}; torch {torch.__version__}")
+    print(
+        f"model: image_widths={model_cfg.image_widths} poly_widths={model_cfg.poly_widths} "
+        f"({n_params / 1e6:.2f} M parameters); input {args.input_size} px -> output {out_size} px"
+    )
+    print(f"batch: {args.batch_size} patches; {args.warmup} warm-up + {args.steps} timed steps per mode")
+    if on_cuda:
+        print("note: TF32 matmuls/convolutions are allowed in both modes (as in training)")
+    else:
+        print("note: bf16 autocast skipped on CPU (training runs float32 there);")
+        print("      optimized = torch.compile in float32, NCHW")
+
+    modes = [("eager-fp32", False), ("optimized", True)]
+    results = {}
+    for mode, optimized in modes:
+        logger.info("timing %s", mode)
+        step = make_step(model_cfg, rt, args.batch_size, args.input_size, optimized, args.seed)
+        seconds = measure(step, rt.device, args.warmup, args.steps)
+        results[mode] = args.batch_size / seconds
+        suffix = " (bf16+channels_last+compile)" if on_cuda else " (fp32+compile)"
+        label = mode + (suffix if optimized else "")
+        print(f"{label:<40s} {seconds * 1e3:9.1f} ms/step {results[mode]:9.1f} patches/s")
+    print(f"speed-up optimized / eager-fp32: {results['optimized'] / results['eager-fp32']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

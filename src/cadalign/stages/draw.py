@@ -1,0 +1,96 @@
+"""DVC stage: the study's figures (accuracy curves of all rounds; polygons over an image crop).
+
+Usage::
+
+    python -m cadalign.stages.draw --params params.yaml --cities-dir data/cities \
+        --labels truth=data/truth round0=data/labels/round0 round1=data/labels/round1 \
+        --curves round0=data/eval/round0/accuracy.csv round1=data/eval/round1/accuracy.csv \
+        --out-dir data/figures
+
+Writes ``accuracy.png`` and ``overlay.png`` (truth white, input red, rounds blue, green...).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cadalign.config import load_section
+from cadalign.geo.polygons import read_polygons, to_pixels
+from cadalign.geo.tiles import read_tile
+from cadalign.plots import ROUND_COLOURS, plot_accuracy_curves, plot_overlay
+from cadalign.stages.common import make_parser, setup_logging
+from cadalign.tracking import stage_run
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DrawConfig:
+    """The ``draw`` section of params.yaml."""
+
+    tile: str = "synthville1"  # <city><number> of the tile shown in the overlay
+    window: tuple[int, ...] = (256, 256, 384, 384)  # x0, y0, width, height of the crop (px)
+
+    def validate(self) -> None:
+        if len(self.window) != 4 or min(self.window[2:]) < 1:
+            raise ValueError(f"window = {list(self.window)}; give [x0, y0, width, height] with width, height >= 1")
+        if not re.fullmatch(r"[A-Za-z0-9_-]*?\d+", self.tile):
+            raise ValueError(f"tile = {self.tile!r}; name a tile as <city><number>, e.g. synthville1")
+
+
+def _pairs(values: list[str], option: str) -> dict[str, Path]:
+    out = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"{option} {value!r}: expected NAME=PATH")
+        out[name] = Path(path)
+    return out
+
+
+def read_curve(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Read a ``tau,accuracy`` CSV written by the evaluate stage."""
+    with path.open() as f:
+        rows = list(csv.DictReader(f))
+    return np.array([float(r["tau"]) for r in rows]), np.array([float(r["accuracy"]) for r in rows])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = make_parser("Draw the accuracy curves of all rounds and a polygon overlay.")
+    parser.add_argument("--cities-dir", type=Path, required=True)
+    parser.add_argument("--labels", nargs="+", required=True, help="NAME=DIR of <city>/<tile>.gpkg label sets")
+    parser.add_argument("--curves", nargs="+", required=True, help="NAME=CSV accuracy curves")
+    parser.add_argument("--out-dir", type=Path, required=True)
+    args = parser.parse_args(argv)
+    setup_logging()
+    cfg = load_section(args.params, "draw", DrawConfig)
+    labels, curves = _pairs(args.labels, "--labels"), _pairs(args.curves, "--curves")
+    city = re.sub(r"\d+$", "", cfg.tile)
+    with stage_run("draw", {"draw": dataclasses.asdict(cfg)}) as run:
+        tile_path = args.cities_dir / city / "images" / f"{cfg.tile}.tif"
+        if not tile_path.is_file():
+            raise FileNotFoundError(f"draw.tile = {cfg.tile!r}: no tile {tile_path}; pick a tile of a city in params.yaml")
+        tile = read_tile(tile_path)
+        layers = {}
+        for name, folder in labels.items():
+            geoms, _ = to_pixels(read_polygons(folder / city / f"{cfg.tile}.gpkg"), tile.info.transform, tile.info.crs)
+            layers[name] = geoms
+        colours = {name: ("white" if name == "truth" else None) for name in labels}
+        rounds = [n for n in labels if n != "truth"]
+        colours.update({n: ROUND_COLOURS[i % len(ROUND_COLOURS)] for i, n in enumerate(rounds)})
+        overlay = plot_overlay(tile.image, layers, args.out_dir / "overlay.png", tuple(cfg.window), colours)
+        accuracy = plot_accuracy_curves({n: read_curve(p) for n, p in curves.items()}, args.out_dir / "accuracy.png")
+        for fig in (overlay, accuracy):
+            run.log_figure(fig)
+    logger.info("figures in %s", args.out_dir)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""DVC stage: realign a round's labels with the round's networks (coarse to fine).
+
+Reads the labels the round trained on, moves every vertex with the networks of all
+downsampling factors (coarsest first) and writes the next round's labels, same ids and
+vertex order, in each tile's CRS.
+
+Usage::
+
+    python -m cadalign.stages.realign --params params.yaml --round round1 --cities-dir data/cities \
+        --labels data/labels/round0 --models data/models/round1 --out data/labels/round1
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from cadalign.align import AlignConfig, realign
+from cadalign.atomic import atomic_path
+from cadalign.config import load_cities, load_section
+from cadalign.geo.labels import load_labelled_tiles
+from cadalign.geo.polygons import from_pixels, write_polygons
+from cadalign.stages.common import make_parser, setup_logging
+from cadalign.tracking import stage_run
+from cadalign.train import load_model
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RealignStageConfig:
+    """The ``realign`` section of params.yaml."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when present, else CPU
+    window: AlignConfig = field(default_factory=AlignConfig)
+
+
+def resolve_device(name: str) -> torch.device:
+    """The torch device for ``auto``/``cpu``/``cuda``; CUDA absent falls back to CPU with a warning."""
+    if name in ("auto", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda")
+    if name == "cuda":
+        logger.warning("realign.device = cuda but CUDA is not available; running on the CPU")
+    return torch.device("cpu")
+
+
+def load_models(models_dir: Path, device: torch.device) -> dict[int, torch.nn.Module]:
+    """Load every ``ds<f>.pt`` network of a round, keyed by downsampling factor.
+
+    Raises:
+        FileNotFoundError: if the folder holds no network.
+    """
+    models = {}
+    for path in sorted(Path(models_dir).glob("ds*.pt")):
+        match = re.fullmatch(r"ds(\d+)\.pt", path.name)
+        if match:
+            models[int(match.group(1))] = load_model(path, map_location=device).to(device).eval()
+    if not models:
+        raise FileNotFoundError(f"no networks ds<f>.pt in {models_dir}; run the round's train stage first")
+    return models
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = make_parser("Realign a round's labels with the round's networks.")
+    parser.add_argument("--round", required=True)
+    parser.add_argument("--cities-dir", type=Path, required=True)
+    parser.add_argument("--labels", type=Path, required=True, help="labels the round trained on")
+    parser.add_argument("--models", type=Path, required=True, help="the round's networks (ds<f>.pt)")
+    parser.add_argument("--out", type=Path, required=True, help="the realigned labels (<city>/<tile>.gpkg)")
+    args = parser.parse_args(argv)
+    setup_logging()
+    cfg = load_section(args.params, "realign", RealignStageConfig)
+    device = resolve_device(cfg.device)
+    models = load_models(args.models, device)
+    tiles = load_labelled_tiles(args.cities_dir, args.labels, sorted(load_cities(args.params)))
+    with stage_run(f"realign@{args.round}", {"realign": dataclasses.asdict(cfg), "factors": sorted(models)}) as run:
+        start = time.perf_counter()
+        with atomic_path(args.out) as tmp:
+            tmp.mkdir()
+            for t in tiles:
+                moved = realign(models, t.tile.image, t.geoms, device, cfg.window) if len(t.geoms) else t.geoms
+                write_polygons(tmp / t.city / f"{t.name}.gpkg", *from_pixels(moved, t.ids, t.tile.info.transform, t.tile.info.crs))
+                logger.info("%s: %d buildings realigned", t.name, len(t.geoms))
+        run.log_metrics({"seconds": time.perf_counter() - start, "tiles": len(tiles)})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""DVC stage: train one round's alignment networks (one per downsampling factor).
+
+Trains on the tiles of every city with the round's CURRENT labels (round 1: the noisy input
+labels). Each network sees patches whose labels are misaligned afresh by a random field and
+learns the field that moves them back onto the labels.
+
+Writes ``--out/ds<f>.pt`` (weights + model config) for each factor, the training log
+``--log`` (CSV: round, ds, step, loss terms, lr, patches/s; a DVC plot), and keeps resumable
+checkpoints in ``--checkpoints`` (a DVC ``persist`` output): a killed run resumes where it
+stopped when the stage is rerun. A checkpoint made for other inputs or settings is discarded.
+
+Usage (DDP: ``torchrun --nproc_per_node N -m cadalign.stages.train ...``)::
+
+    python -m cadalign.stages.train --params params.yaml --round round1 --cities-dir data/cities \
+        --labels data/labels/round0 --out data/models/round1 \
+        --checkpoints data/checkpoints/round1 --log data/train_logs/round1.csv
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import contextlib
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from cadalign.atomic import atomic_path, write_text
+from cadalign.config import load_cities, load_section
+from cadalign.geo.labels import label_files, load_labelled_tiles
+from cadalign.model import AlignNet, LossConfig, ModelConfig
+from cadalign.patches import PatchConfig, PatchDataset, TileData
+from cadalign.stages.common import make_parser, setup_logging
+from cadalign.tracking import is_rank_zero, stage_run
+from cadalign.train import TrainConfig, resume_step, train
+
+logger = logging.getLogger(__name__)
+
+LOG_COLUMNS = ("round", "ds", "step", "loss", "lr", "patches_per_s")
+
+
+@dataclass(frozen=True)
+class TrainStageConfig:
+    """The ``train`` section of params.yaml."""
+
+    # One network per downsampling factor, applied coarse to fine at realignment; the chain
+    # corrects up to about disp_max_px x sum(factors) px (reference 8, 4, 2, 1: ~60 px).
+    factors: tuple[int, ...] = (8, 4, 2, 1)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: TrainConfig = field(default_factory=TrainConfig)
+    # Patch settings shared by all factors (ds and the input/output sizes are set per net).
+    # Here ``patches.field_extent`` is in FULL-resolution px (divided by ds per network), so
+    # the training noise can be as smooth as the label noise (one field per tile side).
+    patches: PatchConfig = field(default_factory=PatchConfig)
+
+    def validate(self) -> None:
+        if not self.factors or min(self.factors) < 1 or len(set(self.factors)) != len(self.factors):
+            raise ValueError(f"factors = {list(self.factors)}; list distinct downsampling factors >= 1, e.g. [4, 2, 1]")
+
+
+def patch_config(cfg: TrainStageConfig, ds: int, seed: int) -> PatchConfig:
+    """The patch settings of the network of factor ``ds`` (sizes from the model, target scale from its tanh range)."""
+    net = AlignNet(cfg.model)
+    out = net.output_size(cfg.patches.input_size)
+    extent = cfg.patches.field_extent
+    return dataclasses.replace(
+        cfg.patches,
+        ds=ds,
+        field_extent=None if extent is None else extent / ds,
+        input_size=net.input_size(out),
+        output_size=out,
+        max_displacement=cfg.model.disp_max_px,
+        seed=seed,
+    )
+
+
+def fingerprint(cfg: TrainStageConfig, labels_dir: Path, cities: list[str], ds: int) -> str:
+    """Hash of the settings and the label files a network is trained from."""
+    h = hashlib.sha256(json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str).encode())
+    h.update(str(ds).encode())
+    for path in label_files(labels_dir, cities):
+        h.update(path.relative_to(labels_dir).as_posix().encode())
+        h.update(hashlib.sha256(path.read_bytes()).digest())
+    return h.hexdigest()
+
+
+def _checkpoint_for(ckpt_dir: Path, ds: int, stamp: str) -> Path:
+    """The checkpoint path of factor ``ds``, cleared if it was made for other inputs."""
+    ckpt = ckpt_dir / f"ds{ds}.ckpt"
+    stamp_path = ckpt_dir / f"ds{ds}.fingerprint"
+    if ckpt.exists() and (not stamp_path.exists() or stamp_path.read_text() != stamp):
+        logger.warning("%s was made for other labels or settings; starting afresh", ckpt)
+        ckpt.unlink()
+    if is_rank_zero():
+        write_text(stamp_path, stamp)
+    return ckpt
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = make_parser("Train one round's alignment networks on the round's current labels.")
+    parser.add_argument("--round", required=True, help="round name, e.g. round1")
+    parser.add_argument("--cities-dir", type=Path, required=True)
+    parser.add_argument("--labels", type=Path, required=True, help="the round's current labels (<city>/<tile>.gpkg)")
+    parser.add_argument("--out", type=Path, required=True, help="folder of the trained networks")
+    parser.add_argument("--checkpoints", type=Path, required=True, help="folder of resumable checkpoints")
+    parser.add_argument("--log", type=Path, required=True, help="training log CSV")
+    args = parser.parse_args(argv)
+    setup_logging()
+    cfg = load_section(args.params, "train", TrainStageConfig)
+    cities = sorted(load_cities(args.params))
+    tiles = load_labelled_tiles(args.cities_dir, args.labels, cities)
+    data = [TileData(image=t.tile.image, labels=t.geoms, ids=t.ids) for t in tiles if len(t.geoms)]
+    logger.info("%s: %d tiles, %d buildings", args.round, len(data), sum(len(t.labels) for t in data))
+    round_index = int("".join(c for c in args.round if c.isdigit()) or 0)
+    rows: list[str] = [",".join(LOG_COLUMNS)]
+    args.checkpoints.mkdir(parents=True, exist_ok=True)
+    with stage_run(f"train@{args.round}", {"train": dataclasses.asdict(cfg), "labels": str(args.labels)}) as run:
+        # Rank 0 writes the networks (atomically, as a folder); other ranks only train.
+        out_dir = atomic_path(args.out) if is_rank_zero() else contextlib.nullcontext(Path(tempfile.mkdtemp()))
+        with out_dir as out_tmp:
+            out_tmp.mkdir(exist_ok=True)
+            for i, ds in enumerate(sorted(cfg.factors, reverse=True)):
+                seed = cfg.optim.seed + 1000 * round_index + ds
+                pcfg = patch_config(cfg, ds, seed)
+                optim = dataclasses.replace(cfg.optim, seed=seed)
+                ckpt = _checkpoint_for(args.checkpoints, ds, fingerprint(cfg, args.labels, cities, ds))
+                # Each rank draws its own patches; a resumed run continues with fresh ones.
+                dataset = PatchDataset(data, pcfg, rank=int(os.environ.get("RANK", "0")), stream=resume_step(ckpt))
+                offset = i * optim.steps  # MLflow step axis: networks one after the other
+
+                def on_log(step: int, stats: dict[str, float], ds: int = ds, offset: int = offset) -> None:
+                    rows.append(",".join([args.round, str(ds), str(step)] + [f"{stats[k]:.6g}" for k in LOG_COLUMNS[3:]]))
+                    run.log_metrics({f"ds{ds}.{k}": v for k, v in stats.items()}, step=offset + step)
+
+                logger.info("training ds=%d: input %d px, output %d px", ds, pcfg.input_size, pcfg.output_size)
+                result = train(cfg.model, cfg.loss, optim, dataset, ckpt, out_tmp / f"ds{ds}.pt", on_log=on_log)
+                run.log_metrics({f"ds{ds}.final_loss": result["loss"]["loss"], f"ds{ds}.patches_per_s": result["patches_per_s"]})
+        if is_rank_zero():
+            write_text(args.log, "\n".join(rows) + "\n")
+            run.log_artifact(args.log)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    logger.info("%s: networks in %s", args.round, args.out)
+
+
+if __name__ == "__main__":
+    main()

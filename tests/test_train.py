@@ -1,0 +1,251 @@
+"""Tests of the training loop on CPU: schedule, checkpoints, resume, NaN stop, DDP (gloo)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.utils.data import Dataset, IterableDataset
+
+from cadalign import train as train_module
+from cadalign.model import AlignNet, LossConfig, ModelConfig, center_crop
+from cadalign.train import (
+    TrainConfig,
+    load_model,
+    lr_at,
+    make_optimizer,
+    resume_step,
+    setup_runtime,
+    train,
+)
+
+MODEL = ModelConfig(image_widths=(4, 8), poly_widths=(2, 4), deep_supervision_levels=1)
+SIZE = 36  # -> 12 px output for MODEL
+FAST = TrainConfig(
+    steps=6, batch_size=2, lr=1e-3, checkpoint_every=3, log_every=1, compile=False, device="cpu"
+)
+
+
+class TinyPatches(Dataset):
+    """Seeded random patches with the keys and shapes that train() expects."""
+
+    def __init__(self, n: int = 8, seed: int = 0, nan_after_calls: int | None = None) -> None:
+        g = torch.Generator().manual_seed(seed)
+        out = AlignNet(MODEL).output_size(SIZE)
+        self.image = torch.rand(n, 3, SIZE, SIZE, generator=g) * 2 - 1
+        self.polys = (torch.rand(n, 3, SIZE, SIZE, generator=g) > 0.6).float()
+        self.disp = torch.rand(n, 2, out, out, generator=g) - 0.5
+        self.seg = (torch.rand(n, 4, out, out, generator=g) > 0.5).float()
+        self.nan_after_calls = nan_after_calls
+        self.calls = 0
+
+    def __len__(self) -> int:
+        return len(self.image)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        self.calls += 1
+        image = self.image[i]
+        if self.nan_after_calls is not None and self.calls > self.nan_after_calls:
+            image = torch.full_like(image, float("nan"))
+        polys = self.polys[i]
+        return {
+            "image": image,
+            "polys": polys,
+            "disp": self.disp[i],
+            "seg": self.seg[i],
+            "polys_out": center_crop(polys, self.disp.shape[-1]),
+        }
+
+
+def test_lr_schedule_drops_at_step() -> None:
+    cfg = TrainConfig(lr=1e-4, lr_drop_step=25_000, lr_after=5e-5)
+    assert lr_at(cfg, 0) == 1e-4
+    assert lr_at(cfg, 24_999) == 1e-4
+    assert lr_at(cfg, 25_000) == 5e-5
+    assert lr_at(cfg, 90_000) == 5e-5
+
+
+def test_train_writes_unwrapped_checkpoint_and_model(tmp_path: Path) -> None:
+    logged: list[tuple[int, dict[str, float]]] = []
+    stats = train(
+        MODEL, LossConfig(), FAST, TinyPatches(), tmp_path / "ckpt.pt", tmp_path / "model.pt",
+        on_log=lambda step, terms: logged.append((step, terms)),
+    )
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert set(ckpt) == {"model", "optimizer", "scaler", "step", "rng", "config"}
+    assert ckpt["step"] == 6 and ckpt["scaler"] is None
+    assert set(ckpt["rng"]) == {"torch", "cuda", "numpy", "python"}
+    assert set(ckpt["config"]) == {"model", "loss", "train"}
+    assert list(ckpt["model"]) == list(AlignNet(MODEL).state_dict())  # no module./_orig_mod. prefix
+    model = load_model(tmp_path / "model.pt")
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, ckpt["model"][name])
+    assert [s for s, _ in logged] == [1, 2, 3, 4, 5, 6]
+    assert {"loss", "disp", "seg", "lr", "patches_per_s"} <= set(logged[0][1])
+    assert logged[0][1]["lr"] == FAST.lr
+    assert stats["steps"] == 6 and stats["start_step"] == 0 and stats["world_size"] == 1
+    assert stats["patches_per_s"] > 0
+
+
+def test_training_reduces_the_loss(tmp_path: Path) -> None:
+    cfg = replace(FAST, steps=40, lr=3e-3, checkpoint_every=40)
+    logged: list[dict[str, float]] = []
+    train(MODEL, LossConfig(), cfg, TinyPatches(n=2), tmp_path / "c.pt", tmp_path / "m.pt",
+          on_log=lambda step, terms: logged.append(terms))
+    # Two fixed patches: the displacement can be memorised (the random segmentation labels
+    # leave an irreducible floor, so the displacement term is the one to watch).
+    first, last = [sum(t["disp"] for t in part) / 5 for part in (logged[:5], logged[-5:])]
+    assert last < 0.6 * first
+    assert logged[-1]["loss"] < logged[0]["loss"]
+
+
+class _Killed(Exception):
+    """Stands in for a kill signal in the middle of a run."""
+
+
+def _kill_at(step_to_kill: int):
+    def on_log(step: int, terms: dict[str, float]) -> None:
+        if step == step_to_kill:
+            raise _Killed
+
+    return on_log
+
+
+def test_interrupted_then_resumed_run_equals_uninterrupted(tmp_path: Path) -> None:
+    train(MODEL, LossConfig(), FAST, TinyPatches(), tmp_path / "a.ckpt", tmp_path / "a.pt")
+    with pytest.raises(_Killed):
+        train(MODEL, LossConfig(), FAST, TinyPatches(), tmp_path / "b.ckpt", tmp_path / "b.pt", _kill_at(5))
+    assert resume_step(tmp_path / "b.ckpt") == 3 and resume_step(tmp_path / "absent.ckpt") == 0
+    assert not (tmp_path / "b.pt").exists()
+    stats = train(MODEL, LossConfig(), FAST, TinyPatches(), tmp_path / "b.ckpt", tmp_path / "b.pt")
+    assert stats["start_step"] == 3
+    a = load_model(tmp_path / "a.pt").state_dict()
+    b = load_model(tmp_path / "b.pt").state_dict()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-6, atol=1e-7)
+    # A different seed gives different weights: the comparison above can fail.
+    train(MODEL, LossConfig(), replace(FAST, seed=1), TinyPatches(), tmp_path / "c.ckpt", tmp_path / "c.pt")
+    c = load_model(tmp_path / "c.pt").state_dict()
+    assert any(not torch.allclose(c[n], a[n]) for n in a)
+
+
+def test_resume_rejects_a_checkpoint_of_another_model(tmp_path: Path) -> None:
+    train(MODEL, LossConfig(), replace(FAST, steps=1), TinyPatches(), tmp_path / "c.pt", tmp_path / "m.pt")
+    other = replace(MODEL, image_widths=(5, 8))
+    with pytest.raises(ValueError, match="written for a different model"):
+        train(other, LossConfig(), FAST, TinyPatches(), tmp_path / "c.pt", tmp_path / "m2.pt")
+
+
+def test_non_finite_loss_stops_without_model_file(tmp_path: Path) -> None:
+    data = TinyPatches(nan_after_calls=3 * FAST.batch_size)  # steps 0-2 fine, step 3 gets NaN
+    with pytest.raises(FloatingPointError, match="non-finite loss at step 3"):
+        train(MODEL, LossConfig(), FAST, data, tmp_path / "ckpt.pt", tmp_path / "model.pt")
+    assert not (tmp_path / "model.pt").exists()
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 3
+
+
+class TinyStream(IterableDataset):
+    """The same patches as an endless stream (an iterable dataset shards itself)."""
+
+    def __iter__(self):
+        patches = TinyPatches()
+        while True:
+            yield from (patches[i] for i in range(len(patches)))
+
+
+def test_iterable_dataset_trains(tmp_path: Path) -> None:
+    cfg = replace(FAST, steps=2)
+    stats = train(MODEL, LossConfig(), cfg, TinyStream(), tmp_path / "c.pt", tmp_path / "m.pt")
+    assert stats["steps"] == 2 and stats["loss"]["loss"] > 0
+
+
+def test_weight_decay_applies_to_conv_weights_only() -> None:
+    """With a zero gradient, AdamW shrinks decayed weights by (1 - lr * wd) and nothing else."""
+    model = AlignNet(MODEL)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = make_optimizer(model, replace(FAST, lr=0.1, weight_decay=0.5), fused=False)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    for name, p in model.named_parameters():
+        factor = 1 - 0.1 * 0.5 if name.endswith("weight") else 1.0
+        torch.testing.assert_close(p.detach(), before[name] * factor)
+
+
+def test_out_of_memory_gives_batch_size_hint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(train_module, "alignment_loss", oom)
+    with pytest.raises(RuntimeError, match="lower train.batch_size in params.yaml"):
+        train(MODEL, LossConfig(), FAST, TinyPatches(), tmp_path / "c.pt", tmp_path / "m.pt")
+    assert not (tmp_path / "m.pt").exists()
+
+
+def test_load_model_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="model file not found"):
+        load_model(tmp_path / "absent.pt")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("device", ["cuda", "auto"])
+def test_cpu_fallback_warns(device: str, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="cadalign.train"):
+        rt = setup_runtime(TrainConfig(device=device))
+    assert rt.device == torch.device("cpu") and rt.autocast_dtype is None and rt.world_size == 1
+    assert "CUDA is not available: falling back to CPU" in caplog.text
+
+
+def test_config_rejects_bad_values() -> None:
+    with pytest.raises(ValueError, match="batch_size=0 must be >= 1"):
+        TrainConfig(batch_size=0).validate()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+    )
+    torch.set_num_threads(1)
+    out = Path(out_dir)
+    seen: list[int] = []
+    stats = train(
+        MODEL, LossConfig(), replace(FAST, steps=4, checkpoint_every=2), TinyPatches(),
+        out / f"ckpt_rank{rank}.pt", out / f"model_rank{rank}.pt",
+        on_log=lambda step, terms: seen.append(step),
+    )
+    (out / f"stats_rank{rank}.json").write_text(json.dumps({**stats, "logged": seen}))
+    # A second network in the same process (the train stage trains one per factor).
+    train(MODEL, LossConfig(), replace(FAST, steps=1), TinyPatches(), out / f"second_ckpt_rank{rank}.pt",
+          out / f"second_model_rank{rank}.pt")
+    dist.destroy_process_group()  # train() leaves the group to its caller
+
+
+@pytest.mark.slow  # two processes: about 5-10 s on a 2-core box
+def test_ddp_two_cpu_ranks_with_gloo(tmp_path: Path) -> None:
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    stats = [json.loads((tmp_path / f"stats_rank{r}.json").read_text()) for r in (0, 1)]
+    for s in stats:  # both ranks ran every step in a world of 2 and agree on the global loss
+        assert s["world_size"] == 2 and s["steps"] == 4
+    assert stats[0]["loss"] == stats[1]["loss"] and stats[0]["loss"]["loss"] > 0
+    assert stats[0]["logged"] == [1, 2, 3, 4] and stats[1]["logged"] == []  # rank 0 alone logs
+    assert (tmp_path / "ckpt_rank0.pt").exists() and (tmp_path / "model_rank0.pt").exists()
+    assert not (tmp_path / "ckpt_rank1.pt").exists() and not (tmp_path / "model_rank1.pt").exists()
+    assert (tmp_path / "second_model_rank0.pt").exists() and not (tmp_path / "second_model_rank1.pt").exists()
+    ckpt = torch.load(tmp_path / "ckpt_rank0.pt", weights_only=True)
+    assert ckpt["step"] == 4
+    assert list(ckpt["model"]) == list(AlignNet(MODEL).state_dict())  # DDP's module. prefix removed
