@@ -15,11 +15,13 @@ def make_parser(description: str) -> argparse.ArgumentParser:
 
 
 def setup_logging() -> None:
-    """Log to stderr at INFO (``CADALIGN_LOG_LEVEL`` overrides); quiet the chattiest libraries."""
+    """Log to stderr at INFO (``CADALIGN_LOG_LEVEL`` overrides); quiet the chattiest libraries.
+
+    Leaves an already configured root logger alone (e.g. pytest's capture).
+    """
     logging.basicConfig(
         level=os.environ.get("CADALIGN_LOG_LEVEL", "INFO"),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        force=True,
     )
     for name in ("alembic", "mlflow", "urllib3", "rasterio", "fiona", "pyogrio", "matplotlib"):
         logging.getLogger(name).setLevel(logging.WARNING)

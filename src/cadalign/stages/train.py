@@ -51,15 +51,21 @@ class TrainStageConfig:
     # One network per downsampling factor, applied coarse to fine at realignment; the chain
     # corrects up to about disp_max_px x sum(factors) px (reference 8, 4, 2, 1: ~60 px).
     factors: tuple[int, ...] = (8, 4, 2, 1)
+    # Side of the network input (px); the output side follows from the model (valid
+    # convolutions; reference 220 -> 100). Must be a valid size for the model's depth.
+    input_size: int = 220
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: TrainConfig = field(default_factory=TrainConfig)
-    # Patch settings shared by all factors (ds and the input/output sizes are set per net).
+    # Patch settings shared by all factors (ds, the sizes and the target scale are set per net).
     # Here ``patches.field_extent`` is in FULL-resolution px (divided by ds per network), so
     # the training noise can be as smooth as the label noise (one field per tile side).
     patches: PatchConfig = field(default_factory=PatchConfig)
 
     def validate(self) -> None:
+        default = PatchConfig()
+        if (self.patches.input_size, self.patches.output_size) != (default.input_size, default.output_size):
+            raise ValueError("patches.input_size/output_size are derived; set train.input_size instead")
         if not self.factors or min(self.factors) < 1 or len(set(self.factors)) != len(self.factors):
             raise ValueError(f"factors = {list(self.factors)}; list distinct downsampling factors >= 1, e.g. [4, 2, 1]")
 
@@ -67,7 +73,10 @@ class TrainStageConfig:
 def patch_config(cfg: TrainStageConfig, ds: int, seed: int) -> PatchConfig:
     """The patch settings of the network of factor ``ds`` (sizes from the model, target scale from its tanh range)."""
     net = AlignNet(cfg.model)
-    out = net.output_size(cfg.patches.input_size)
+    try:
+        out = net.output_size(cfg.input_size)
+    except ValueError as err:
+        raise ValueError(f"train.input_size = {cfg.input_size}: {err}") from err
     extent = cfg.patches.field_extent
     return dataclasses.replace(
         cfg.patches,
@@ -140,7 +149,8 @@ def main(argv: list[str] | None = None) -> None:
 
                 logger.info("training ds=%d: input %d px, output %d px", ds, pcfg.input_size, pcfg.output_size)
                 result = train(cfg.model, cfg.loss, optim, dataset, ckpt, out_tmp / f"ds{ds}.pt", on_log=on_log)
-                run.log_metrics({f"ds{ds}.final_loss": result["loss"]["loss"], f"ds{ds}.patches_per_s": result["patches_per_s"]})
+                if result["steps"] > result["start_step"]:  # not already finished in a checkpoint
+                    run.log_metrics({f"ds{ds}.final_loss": result["loss"]["loss"]}, step=offset + result["steps"])
         if is_rank_zero():
             write_text(args.log, "\n".join(rows) + "\n")
             run.log_artifact(args.log)

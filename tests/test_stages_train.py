@@ -1,0 +1,132 @@
+"""End-to-end tests of the train and realign stages on the tiny seeded city (CPU, a few steps)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import shapely
+import torch
+
+from cadalign.geo.polygons import read_polygons, write_polygons
+from cadalign.stages import evaluate as evaluate_stage
+from cadalign.stages import misalign, realign, train
+from cadalign.train import load_model
+
+TINY_TRAIN = """
+train:
+  factors: [2, 1]
+  input_size: 40
+  model: {image_widths: [4, 8], poly_widths: [2, 4], deep_supervision_levels: 1}
+  optim: {steps: 4, batch_size: 2, checkpoint_every: 2, log_every: 1, num_workers: 0, lr: 0.001}
+  patches: {keep_prob: 1.0}
+realign:
+  device: cuda   # absent in CI: falls back to the CPU with a warning
+  window: {output_size: 16, batch_size: 4, progress: false}
+"""
+
+
+@pytest.fixture
+def study(tmp_path: Path, tiny_city: Path) -> dict[str, Path]:
+    params = tmp_path / "params.yaml"
+    params.write_text(
+        "cities:\n  tinytown: {source: synthetic, tiles: [1, 2]}\n"
+        "noise: {max_displacement: 3.0, n_bumps: 30, seed: 4}\n" + TINY_TRAIN
+    )
+    paths = {
+        "params": params,
+        "cities": tiny_city.parent,
+        "truth": tmp_path / "truth",
+        "round0": tmp_path / "labels" / "round0",
+        "models": tmp_path / "models" / "round1",
+        "ckpt": tmp_path / "ckpt" / "round1",
+        "log": tmp_path / "logs" / "round1.csv",
+        "round1": tmp_path / "labels" / "round1",
+    }
+    misalign.main(
+        ["--params", str(params), "--city", "tinytown", "--city-dir", str(tiny_city),
+         "--truth-out", str(paths["truth"] / "tinytown"), "--labels-out", str(paths["round0"] / "tinytown"),
+         "--fields-out", str(tmp_path / "noise" / "tinytown")]
+    )
+    return paths
+
+
+def run_train(p: dict[str, Path], labels: str = "round0") -> None:
+    train.main(
+        ["--params", str(p["params"]), "--round", "round1", "--cities-dir", str(p["cities"]),
+         "--labels", str(p[labels]), "--out", str(p["models"]), "--checkpoints", str(p["ckpt"]), "--log", str(p["log"])]
+    )
+
+
+def run_realign(p: dict[str, Path]) -> None:
+    realign.main(
+        ["--params", str(p["params"]), "--round", "round1", "--cities-dir", str(p["cities"]),
+         "--labels", str(p["round0"]), "--models", str(p["models"]), "--out", str(p["round1"])]
+    )
+
+
+def test_train_realign_evaluate(study: dict[str, Path], caplog: pytest.LogCaptureFixture) -> None:
+    run_train(study)
+    assert sorted(f.name for f in study["models"].iterdir()) == ["ds1.pt", "ds2.pt"]
+    net = load_model(study["models"] / "ds2.pt")
+    assert net.cfg.image_widths == (4, 8)
+    rows = study["log"].read_text().splitlines()
+    assert rows[0] == "round,ds,step,loss,lr,patches_per_s" and len(rows) == 1 + 2 * 4
+    assert all(np.isfinite(float(r.split(",")[3])) for r in rows[1:])
+    with caplog.at_level(logging.WARNING):
+        run_realign(study)
+    assert "CUDA is not available" in caplog.text
+    before = read_polygons(study["round0"] / "tinytown" / "tinytown1.gpkg")
+    after = read_polygons(study["round1"] / "tinytown" / "tinytown1.gpkg")
+    assert after["building_id"].tolist() == before["building_id"].tolist()
+    assert shapely.get_num_coordinates(after.geometry.values).tolist() == shapely.get_num_coordinates(
+        before.geometry.values
+    ).tolist()
+    moved = np.abs(shapely.get_coordinates(after.geometry.values) - shapely.get_coordinates(before.geometry.values))
+    assert moved.max() > 0  # the networks moved the vertices
+    assert moved.max() <= 4.0 * 0.3 * (2 + 1) + 1e-6  # at most disp_max_px x sum(factors) px, in metres
+    metrics = study["log"].parent / "m.json"
+    evaluate_stage.main(
+        ["--params", str(study["params"]), "--name", "round1", "--cities-dir", str(study["cities"]),
+         "--truth", str(study["truth"]), "--labels", str(study["round1"]), "--metrics", str(metrics),
+         "--curve", str(metrics.with_suffix(".csv"))]
+    )
+    assert json.loads(metrics.read_text())["n_vertices"] > 0
+
+
+def test_rerun_resumes_from_checkpoints(study: dict[str, Path], caplog: pytest.LogCaptureFixture) -> None:
+    run_train(study)
+    first = torch.load(study["models"] / "ds1.pt", weights_only=True)["model"]
+    with caplog.at_level(logging.INFO):
+        run_train(study)  # e.g. DVC reran the stage: finished checkpoints are reused
+    assert caplog.text.count("resuming from") == 2
+    second = torch.load(study["models"] / "ds1.pt", weights_only=True)["model"]
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_checkpoint_of_other_settings_is_discarded(study: dict[str, Path], caplog: pytest.LogCaptureFixture) -> None:
+    run_train(study)
+    study["params"].write_text(study["params"].read_text().replace("lr: 0.001", "lr: 0.002"))
+    with caplog.at_level(logging.WARNING):
+        run_train(study)
+    assert caplog.text.count("was made for other labels or settings") == 2
+
+
+def test_empty_and_missing_labels(study: dict[str, Path]) -> None:
+    for path in (study["round0"] / "tinytown").glob("*.gpkg"):
+        gdf = read_polygons(path)
+        write_polygons(path, np.array([], dtype=object), np.array([], dtype=np.int64), gdf.crs)
+    with pytest.raises(ValueError, match="every label file is empty"):
+        run_train(study)
+    study["round0"] = study["round0"].parent / "nothing"
+    with pytest.raises(FileNotFoundError, match="no labels of city 'tinytown'"):
+        run_train(study)
+
+
+def test_realign_without_models(study: dict[str, Path]) -> None:
+    study["models"].mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="no networks ds<f>.pt"):
+        run_realign(study)
