@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import geopandas as gpd
@@ -63,3 +67,39 @@ def write_tiny_city(root: Path, city: str = "tinytown", n_tiles: int = 2, seed: 
 @pytest.fixture
 def tiny_city(tmp_path: Path) -> Path:
     return write_tiny_city(tmp_path / "cities")
+
+
+# Settings small enough for `dvc repro` of the whole study in tests (CPU, seconds per stage).
+TINY_STUDY_PARAMS = """
+noise: {max_displacement: 3.0, n_bumps: 30, seed: 1}
+train:
+  factors: [2, 1]
+  input_size: 40
+  model: {image_widths: [4, 8], poly_widths: [2, 4], deep_supervision_levels: 1}
+  optim: {steps: 3, batch_size: 2, checkpoint_every: 3, log_every: 1, num_workers: 0}
+  patches: {keep_prob: 1.0}
+realign:
+  device: auto
+  window: {output_size: 16, batch_size: 8, progress: false}
+rounds: {round1: round0, round2: round1, round3: round2}
+"""
+
+
+def make_dvc_project(root: Path, params: str) -> tuple[Path, Callable[..., str]]:
+    """A scratch copy of the project (src, dvc.yaml) with ``params`` as params.yaml.
+
+    Returns the folder and a ``dvc(*args) -> stdout`` runner that fails the test on error.
+    """
+    repo = Path(__file__).resolve().parents[1]
+    proj = root / "proj"
+    shutil.copytree(repo / "src", proj / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    shutil.copy(repo / "dvc.yaml", proj / "dvc.yaml")
+    (proj / "params.yaml").write_text(params)
+    def dvc(*args: str) -> str:
+        env = {**os.environ, "PYTHONPATH": str(proj / "src"), "CADALIGN_LOG_LEVEL": "WARNING"}
+        done = subprocess.run(["dvc", *args], cwd=proj, env=env, capture_output=True, text=True, check=False)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return done.stdout
+
+    dvc("init", "--no-scm", "-q")
+    return proj, dvc
