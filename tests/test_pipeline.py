@@ -29,6 +29,9 @@ def test_dvc_repro_whole_study(tmp_path, monkeypatch) -> None:
     for fig in ("accuracy.png", "overlay.png"):
         assert (proj / "data" / "figures" / fig).read_bytes()[:4] == b"\x89PNG"
     assert (proj / "data" / "models" / "round3" / "ds1.pt").is_file()
+    compare = json.loads((proj / "data" / "similarity" / "compare" / "metrics.json").read_text())
+    assert set(compare) == {"round1", "round2", "round3"}
+    assert all(compare[r]["n_patches"] > 0 for r in compare)
     # a second repro has nothing to do
     assert "Data and pipelines are up to date" in dvc("repro") or "didn't change" in dvc("status")
     # the MLflow mirror: every stage run nested under one study run
@@ -38,7 +41,8 @@ def test_dvc_repro_whole_study(tmp_path, monkeypatch) -> None:
     study = [r for r in runs if r.data.tags.get("cadalign.role") == "study"]
     stages = {r.info.run_name for r in runs if r.data.tags.get("cadalign.role") == "stage"}
     assert len(study) == 1
-    assert {"fetch@minitown", "misalign@minitown", "train@round1", "realign@round3", "evaluate@round3", "draw"} <= stages
+    assert {"fetch@minitown", "misalign@minitown", "train@round1", "realign@round3", "evaluate@round3", "draw",
+            "analyze@round2", "compare"} <= stages
     train3 = next(r for r in runs if r.info.run_name == "train@round3")
     assert train3.data.tags["mlflow.parentRunId"] == study[0].info.run_id
     assert client.get_metric_history(train3.info.run_id, "ds1.loss")  # per-step losses

@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import random
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -407,7 +408,14 @@ def train(
     patches_per_step = train_cfg.batch_size * rt.world_size
     t_start = t_log = time.perf_counter()
     step_log = start_step
-    bar = tqdm(total=train_cfg.steps, initial=start_step, disable=not rt.is_main, desc="train", unit="step")
+    bar = tqdm(
+        total=train_cfg.steps,
+        initial=start_step,
+        disable=not rt.is_main,
+        desc="train",
+        unit="step",
+        mininterval=0.5 if sys.stderr.isatty() else 30.0,  # few lines in DVC and CI logs
+    )
     model.train()
     for step in range(start_step, train_cfg.steps):
         lr = lr_at(train_cfg, step)

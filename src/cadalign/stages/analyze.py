@@ -1,0 +1,463 @@
+"""DVC stage ``similarity@round``: gradient-similarity analysis of one round's network.
+
+The SAME patches for every round: on each tile downsampled by ``ds``, a non-overlapping grid
+of network-input windows, those whose output region fully contains a TRUE polygon, up to
+``patches_per_tile`` per tile drawn with a fixed seed (see
+:mod:`cadalign.similarity.analysis`). Each patch is the image window (scaled to [-1, 1] as in
+training) and the raster of the ROUND's input labels (the labels it trained on), all
+polygons kept. The round's ``ds`` network gives per-sample gradients of ``disp[0]``
+(``d = 2``, the sum over the output map or the centre pixel: ``similarity.output``).
+
+Writes, in ``--out``: ``counts.csv`` (one row per patch: index, city, tile, window corner in
+downsampled px, N_S and the other counts, zero-gradient flag, query flag), ``neighbours.csv``
+(query, rank, neighbour, k^C), ``query_hist.csv`` (query, bin, bin edges, count; k^C of each
+query to all other patches over 100 bins of [0, 1]), ``metrics.json`` (summary, wall time,
+peak memory), ``ns_hist.png`` (10-bin N_S histogram with an example patch per bin) and
+``neighbours.png`` (each query and its k nearest patches, k^C under each).
+
+Usage::
+
+    python -m cadalign.stages.analyze --params params.yaml --round round1 --cities-dir data/cities \
+        --truth data/truth --labels data/labels/round0 --models data/models/round1 \
+        --out data/similarity/round1
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.colors import ListedColormap
+import shapely
+import torch
+
+from cadalign.atomic import atomic_path, write_json
+from cadalign.config import load_cities, load_section
+from cadalign.geo.labels import LabelledTile, load_labelled_tiles
+from cadalign.geo.rasterize import EDGE, rasterize_polygons
+from cadalign.model import AlignNet
+from cadalign.patches import downsample_image, scale_geoms
+from cadalign.plots import save_figure
+from cadalign.similarity import analysis
+from cadalign.similarity.grads import alignment_output_fn
+from cadalign.stages.common import make_parser, setup_logging
+from cadalign.stages.train import TrainStageConfig
+from cadalign.tracking import stage_run
+from cadalign.train import load_model
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SimilarityConfig:
+    """The ``similarity`` section of params.yaml."""
+
+    # Downsampling factor of the analysed network; None = the coarsest of train.factors
+    # (the reference analysed ds 4 of 8, 4, 2, 1).
+    ds: int | None = None
+    # Input window side (px at ds), rounded to the nearest valid network input (reference 124).
+    patch_size: int = 124
+    patches_per_tile: int = 10  # reference 10
+    n_queries: int = 20  # the paper shows 20 queries
+    seed: int = 0  # fixes the per-tile choice and the queries: the same for every round
+    output: Literal["sum", "center"] = "sum"  # disp[0] summed over the output map, or its centre pixel
+    k: int = 10  # nearest neighbours per query
+    hist_bins: int = 100  # bins of a query's k^C histogram on [0, 1]
+    ns_bins: int = 10  # bins of the N_S histogram (one example patch each)
+    taus: tuple[float, ...] = (0.5, 0.9)  # thresholds of the hard counts N_tau
+    alphas: tuple[float, ...] = (1.0, 2.0)  # exponents of N_alpha+
+    chunk_size: int = 16  # patches per batched gradient pass (bounds memory)
+    method: Literal["auto", "hooks", "vmap"] = "auto"  # per-sample gradient implementation
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when present, else CPU
+    # Keep all gradients in memory when they fit (n x p x 2 x 4 bytes; the reference's 7 M
+    # parameters take 57 MB per patch); beyond it every pass recomputes them.
+    cache_gb: float = 4.0
+
+    def validate(self) -> None:
+        """Check ranges.
+
+        Raises:
+            ValueError: naming the offending key.
+        """
+        positive = ("patch_size", "patches_per_tile", "n_queries", "k", "hist_bins", "ns_bins", "chunk_size")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.ds is not None and self.ds < 1:
+            raise ValueError(f"ds={self.ds} must be >= 1 or null (the coarsest of train.factors)")
+        if any(a <= 0 for a in self.alphas):
+            raise ValueError(f"alphas={list(self.alphas)} must be > 0")
+        if self.cache_gb < 0:
+            raise ValueError(f"cache_gb={self.cache_gb} must be >= 0")
+
+
+@dataclass(frozen=True, eq=False)
+class PatchSet:
+    """The analysed patches.
+
+    Attributes:
+        images: ``(n, S, S, 3)`` uint8 image windows (for figures).
+        polys: ``(n, 3, S, S)`` float32 fill/edge/vertex rasters of the input labels.
+        cities, tiles: ``(n,)`` city and tile names.
+        corners: ``(n, 2)`` int64 window corners ``(x0, y0)`` in downsampled px.
+        size: Window side ``S``; margin: ``(S - O) / 2``.
+    """
+
+    images: np.ndarray
+    polys: np.ndarray
+    cities: np.ndarray
+    tiles: np.ndarray
+    corners: np.ndarray
+    size: int
+    margin: int
+
+    def network_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(image, polys)`` float32 tensors; the image scaled to [-1, 1] as in training."""
+        image = torch.from_numpy(self.images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        return image.contiguous(), torch.from_numpy(self.polys)
+
+
+def patch_windows(
+    truth: Sequence[LabelledTile], ds: int, size: int, margin: int, per_tile: int, seed: int
+) -> dict[tuple[str, str], np.ndarray]:
+    """The windows of every tile: grid, true polygon inside the output region, seeded choice.
+
+    Args:
+        truth: Tiles with their TRUE polygons (full-resolution pixel coordinates).
+        ds: Downsampling factor.
+        size: Window side (px at ``ds``).
+        margin: ``(size - output) / 2``.
+        per_tile: Largest number of windows per tile.
+        seed: Seed of the choice.
+
+    Returns:
+        ``{(city, tile): (m, 2) corners}`` in downsampled px, tiles in input order.
+    """
+    out = {}
+    for t in truth:
+        height, width = t.tile.image.shape[:2]
+        new_h, new_w = max(1, round(height / ds)), max(1, round(width / ds))  # as downsample_image
+        grid = analysis.grid_windows(new_h, new_w, size)
+        geoms = scale_geoms(t.geoms, new_w / width, new_h / height)
+        keep = analysis.windows_with_polygon(grid, size, margin, shapely.bounds(geoms))
+        out[(t.city, t.name)] = analysis.select_windows(grid[keep], per_tile, seed, f"{t.city}/{t.name}")
+    return out
+
+
+def build_patch_set(
+    truth: Sequence[LabelledTile],
+    labels: Sequence[LabelledTile],
+    ds: int,
+    size: int,
+    margin: int,
+    per_tile: int,
+    seed: int,
+    edge_width: float,
+) -> PatchSet:
+    """Cut the patch set: windows chosen from the truth, rasters burned from the round's labels.
+
+    Args:
+        truth: Tiles with the true polygons.
+        labels: The same tiles with the round's input labels.
+        ds: Downsampling factor.
+        size: Window side.
+        margin: ``(size - output) / 2``.
+        per_tile: Largest number of windows per tile.
+        seed: Seed of the choice.
+        edge_width: Edge band width of the raster (px at ``ds``; as in training).
+
+    Returns:
+        :class:`PatchSet`, tiles in ``truth`` order, windows in grid order.
+
+    Raises:
+        FileNotFoundError: if a tile of the truth has no labels.
+        ValueError: if no window qualifies.
+    """
+    by_name = {(t.city, t.name): t for t in labels}
+    images, polys, cities, tiles, corners = [], [], [], [], []
+    for t in truth:
+        chosen = patch_windows([t], ds, size, margin, per_tile, seed)[(t.city, t.name)]
+        if not len(chosen):
+            continue
+        if (t.city, t.name) not in by_name:
+            raise FileNotFoundError(f"tile {t.city}/{t.name} has true polygons but no labels of the round")
+        image, (sx, sy) = downsample_image(t.tile.image, ds)
+        geoms = scale_geoms(by_name[(t.city, t.name)].geoms, sx, sy)
+        for x0, y0 in chosen:
+            images.append(image[y0 : y0 + size, x0 : x0 + size])
+            offset = (float(x0), float(y0))
+            polys.append(rasterize_polygons(geoms, (size, size), offset=offset, edge_width=edge_width))
+            cities.append(t.city)
+            tiles.append(t.name)
+            corners.append((x0, y0))
+    if not images:
+        raise ValueError(
+            f"no {size} px window at ds {ds} has a true polygon inside its output region; lower "
+            "similarity.patch_size or similarity.ds"
+        )
+    return PatchSet(
+        images=np.stack(images),
+        polys=np.stack(polys).astype(np.float32),
+        cities=np.array(cities),
+        tiles=np.array(tiles),
+        corners=np.array(corners, dtype=np.int64).reshape(-1, 2),
+        size=size,
+        margin=margin,
+    )
+
+
+def resolve_device(name: str) -> torch.device:
+    """The compute device: CUDA when present for ``auto``/``cuda`` (else the CPU, with a warning).
+
+    Args:
+        name: ``"auto"``, ``"cuda"`` or ``"cpu"``.
+
+    Returns:
+        The torch device.
+    """
+    if name in ("auto", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda")
+    if name != "cpu":
+        logger.warning("CUDA is not available: the similarity analysis runs on the CPU (slow for big models)")
+    return torch.device("cpu")
+
+
+def _window_size(model: AlignNet, wanted: int) -> tuple[int, int]:
+    def valid(size: int) -> bool:
+        try:
+            model.output_size(size)
+        except ValueError:
+            return False
+        return True
+
+    size = analysis.nearest_valid_input_size(valid, wanted)
+    if size != wanted:
+        logger.info("similarity.patch_size %d is not a valid network input; using %d", wanted, size)
+    return size, (size - model.output_size(size)) // 2
+
+
+def _write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def _show_patch(ax: plt.Axes, patches: PatchSet, i: int, title: str) -> None:
+    """The image window, the input labels' edges in red, the output region outlined in cyan."""
+    ax.imshow(patches.images[i])
+    edge = np.ma.masked_equal(patches.polys[i, EDGE], 0)
+    ax.imshow(edge, cmap=ListedColormap(["red"]), alpha=0.45, vmin=0, vmax=1)
+    m, s = patches.margin, patches.size
+    ax.add_patch(plt.Rectangle((m - 0.5, m - 0.5), s - 2 * m, s - 2 * m, fill=False, color="cyan", lw=0.8))
+    ax.set_title(title, fontsize=7)
+    ax.set_axis_off()
+
+
+def plot_ns_histogram(
+    n_s: np.ndarray, patches: PatchSet, bins: int, path: Path, title: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """N_S histogram with an example patch per bin (below the chart, in bin order).
+
+    Args:
+        n_s: ``(n,)`` soft counts of the patches.
+        patches: The patch set (for the examples).
+        bins: Number of bins.
+        path: Output PNG.
+        title: Figure title.
+
+    Returns:
+        ``(counts, edges, examples)`` of :func:`cadalign.similarity.analysis.ns_histogram`.
+    """
+    counts, edges, examples = analysis.ns_histogram(n_s, bins)
+    fig = plt.figure(figsize=(max(8, 1.3 * bins), 5.5))
+    grid = fig.add_gridspec(2, bins, height_ratios=(2.2, 1))
+    ax = fig.add_subplot(grid[0, :])
+    ax.hist(n_s, bins=edges, color="tab:blue", edgecolor="white")
+    ax.set_xlabel("soft neighbour count N_S (self included)")
+    ax.set_ylabel("patches")
+    ax.set_title(title)
+    for b, i in enumerate(examples):
+        sub = fig.add_subplot(grid[1, b])
+        if i < 0:
+            sub.set_axis_off()
+            continue
+        _show_patch(sub, patches, int(i), f"bin {b}: N_S={n_s[i]:.1f}")
+    save_figure(fig, path)
+    return counts, edges, examples
+
+
+def plot_neighbours(result: analysis.SimilarityResult, patches: PatchSet, path: Path, title: str) -> None:
+    """Montage: one row per query (first column), then its k nearest patches with k^C.
+
+    Args:
+        result: The analysis result.
+        patches: The patch set.
+        path: Output PNG.
+        title: Figure title.
+    """
+    q, k = result.knn.indices.shape
+    fig, axes = plt.subplots(
+        q, k + 1, figsize=(1.25 * (k + 1), 1.4 * q + 0.4), squeeze=False, layout="constrained"
+    )
+    for row, query in enumerate(result.query_indices):
+        _show_patch(axes[row, 0], patches, int(query), f"query {query}\nN_S={result.n_s[query]:.1f}")
+        for col in range(k):
+            idx, val = int(result.knn.indices[row, col]), float(result.knn.values[row, col])
+            if idx < 0:
+                axes[row, col + 1].set_axis_off()
+                continue
+            _show_patch(axes[row, col + 1], patches, idx, f"#{idx}\nk^C={val:.3f}")
+    fig.suptitle(title)
+    save_figure(fig, path)
+
+
+def write_outputs(
+    out: Path, result: analysis.SimilarityResult, patches: PatchSet, cfg: SimilarityConfig, title: str
+) -> None:
+    """Write counts.csv, neighbours.csv, query_hist.csv and the two figures into ``out``.
+
+    Args:
+        out: Existing output folder.
+        result: The analysis result.
+        patches: The patch set.
+        cfg: The stage settings (histogram bins).
+        title: Figure title.
+    """
+    counts_keys = [key for key in result.counts if key != "N_S"]
+    queries = set(result.query_indices.tolist())
+    rows = [
+        [i, patches.cities[i], patches.tiles[i], *patches.corners[i], f"{result.n_s[i]:.6g}"]
+        + [f"{result.counts[key][i]:.6g}" for key in counts_keys]
+        + [int(result.degenerate[i]), int(i in queries)]
+        for i in range(len(result.n_s))
+    ]
+    header = ["patch", "city", "tile", "x0", "y0", "N_S", *counts_keys, "zero_gradient", "query"]
+    _write_csv(out / "counts.csv", header, rows)
+    nb_rows = [
+        [int(query), rank + 1, int(idx), f"{float(val):.6g}"]
+        for row, query in enumerate(result.query_indices)
+        for rank, (idx, val) in enumerate(zip(result.knn.indices[row], result.knn.values[row], strict=True))
+        if idx >= 0
+    ]
+    _write_csv(out / "neighbours.csv", ["query", "rank", "neighbour", "k_c"], nb_rows)
+    bins = result.knn.hist.shape[1]
+    hist_rows = [
+        [int(query), b, f"{b / bins:.6g}", f"{(b + 1) / bins:.6g}", int(result.knn.hist[row, b])]
+        for row, query in enumerate(result.query_indices)
+        for b in range(bins)
+    ]
+    _write_csv(out / "query_hist.csv", ["query", "bin", "bin_lo", "bin_hi", "count"], hist_rows)
+    plot_ns_histogram(result.n_s, patches, cfg.ns_bins, out / "ns_hist.png", title)
+    plot_neighbours(result, patches, out / "neighbours.png", title)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command-line entry point (see the module docstring)."""
+    parser = make_parser("Gradient-similarity analysis of one round's network on a fixed patch set.")
+    parser.add_argument("--round", required=True, help="round name, e.g. round1")
+    parser.add_argument("--cities-dir", type=Path, required=True)
+    parser.add_argument("--truth", type=Path, required=True, help="true polygons (choose the patches)")
+    parser.add_argument("--labels", type=Path, required=True, help="labels the round trained on (rasters)")
+    parser.add_argument("--models", type=Path, required=True, help="the round's networks (ds<f>.pt)")
+    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op CPU threads (default: torch's choice; 1 is far faster on a busy shared CPU)",
+    )
+    args = parser.parse_args(argv)
+    setup_logging()
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    cfg = load_section(args.params, "similarity", SimilarityConfig)
+    train_cfg = load_section(args.params, "train", TrainStageConfig)
+    ds = cfg.ds if cfg.ds is not None else max(train_cfg.factors)
+    if ds not in train_cfg.factors:
+        raise ValueError(f"similarity.ds = {ds} is not one of train.factors {list(train_cfg.factors)}")
+    model_path = args.models / f"ds{ds}.pt"
+    if not model_path.is_file():
+        raise FileNotFoundError(
+            f"no network {model_path} for round {args.round}; run its train stage first "
+            f"(dvc repro train@{args.round})"
+        )
+    device = resolve_device(cfg.device)
+    model = load_model(model_path, map_location=device)
+    size, margin = _window_size(model, cfg.patch_size)
+    cities = sorted(load_cities(args.params))
+    truth = load_labelled_tiles(args.cities_dir, args.truth, cities)
+    labels = load_labelled_tiles(args.cities_dir, args.labels, cities)
+    edge_width = train_cfg.patches.edge_width
+    patches = build_patch_set(truth, labels, ds, size, margin, cfg.patches_per_tile, cfg.seed, edge_width)
+    n = len(patches.images)
+    queries = analysis.choose_queries(n, cfg.n_queries, cfg.seed)
+    logger.info("%s: %d patches of %d px at ds %d, %d queries", args.round, n, size, ds, len(queries))
+    run_params = {
+        "similarity": dataclasses.asdict(cfg),
+        "round": args.round,
+        "ds": ds,
+        "input_size": size,
+        "labels": str(args.labels),
+        "edge_width": edge_width,
+        "device": str(device),
+    }
+    with stage_run(f"analyze@{args.round}", run_params) as run:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        start = time.perf_counter()
+        result = analysis.analyse(
+            model,
+            model.disp_parameters(),
+            patches.network_inputs(),
+            alignment_output_fn(cfg.output),
+            queries,
+            k=cfg.k,
+            bins=cfg.hist_bins,
+            taus=cfg.taus,
+            alphas=cfg.alphas,
+            chunk_size=cfg.chunk_size,
+            method=cfg.method,
+            cache_bytes=int(cfg.cache_gb * 2**30),
+            progress=True,
+        )
+        wall = time.perf_counter() - start
+        timings = result.timings
+        metrics = {
+            **analysis.summary_metrics(result),
+            "wall_seconds": wall,
+            # samples through the gradient computation per second (over all passes)
+            "patches_per_second": n * timings["gradient_passes"] / max(timings["gradients"], 1e-9),
+            "peak_memory_bytes": float(analysis.peak_memory_bytes(device)),
+            "n_parameters": float(sum(p.numel() for _, p in model.disp_parameters())),
+            "input_size": float(size),
+            "ds": float(ds),
+            "seconds": dict(timings),
+        }
+        with atomic_path(args.out) as tmp:
+            tmp.mkdir()
+            write_outputs(tmp, result, patches, cfg, f"{args.round}, ds {ds}, output={cfg.output}")
+            header = {"round": args.round, "output": cfg.output, "device": str(device)}
+            write_json(tmp / "metrics.json", {**header, **metrics})
+        run.log_metrics(metrics)
+        for name in ("ns_hist.png", "neighbours.png"):
+            run.log_figure(args.out / name)
+        for name in ("counts.csv", "query_hist.csv", "neighbours.csv", "metrics.json"):
+            run.log_artifact(args.out / name)
+    logger.info(
+        "%s: median N_S %.2f of %d patches, %.1f s", args.round, metrics["N_S_median"], n, wall
+    )
+
+
+if __name__ == "__main__":
+    main()
