@@ -78,7 +78,7 @@ def test_train_realign_evaluate(study: dict[str, Path], caplog: pytest.LogCaptur
     assert all(np.isfinite(float(r.split(",")[3])) for r in rows[1:])
     with caplog.at_level(logging.WARNING):
         run_realign(study)
-    assert "CUDA is not available" in caplog.text
+    assert "realign.device = cuda but CUDA is not available" in caplog.text
     before = read_polygons(study["round0"] / "tinytown" / "tinytown1.gpkg")
     after = read_polygons(study["round1"] / "tinytown" / "tinytown1.gpkg")
     assert after["building_id"].tolist() == before["building_id"].tolist()

@@ -48,7 +48,7 @@ from cadalign.patches import downsample_image, scale_geoms
 from cadalign.plots import save_figure
 from cadalign.similarity import analysis
 from cadalign.similarity.grads import alignment_output_fn
-from cadalign.stages.common import make_parser, setup_logging
+from cadalign.stages.common import make_parser, resolve_device, setup_logging
 from cadalign.stages.train import TrainStageConfig
 from cadalign.tracking import stage_run
 from cadalign.train import load_model
@@ -214,22 +214,6 @@ def build_patch_set(
     )
 
 
-def resolve_device(name: str) -> torch.device:
-    """The compute device: CUDA when present for ``auto``/``cuda`` (else the CPU, with a warning).
-
-    Args:
-        name: ``"auto"``, ``"cuda"`` or ``"cpu"``.
-
-    Returns:
-        The torch device.
-    """
-    if name in ("auto", "cuda") and torch.cuda.is_available():
-        return torch.device("cuda")
-    if name != "cpu":
-        logger.warning("CUDA is not available: the similarity analysis runs on the CPU (slow for big models)")
-    return torch.device("cpu")
-
-
 def _window_size(model: AlignNet, wanted: int) -> tuple[int, int]:
     def valid(size: int) -> bool:
         try:
@@ -392,7 +376,7 @@ def main(argv: list[str] | None = None) -> None:
             f"no network {model_path} for round {args.round}; run its train stage first "
             f"(dvc repro train@{args.round})"
         )
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, "similarity.device")
     model = load_model(model_path, map_location=device)
     size, margin = _window_size(model, cfg.patch_size)
     cities = sorted(load_cities(args.params))

@@ -6,6 +6,10 @@ import argparse
 import logging
 import os
 
+import torch
+
+logger = logging.getLogger(__name__)
+
 
 def make_parser(description: str) -> argparse.ArgumentParser:
     """An argument parser with the options every stage takes (``--params``)."""
@@ -25,3 +29,17 @@ def setup_logging() -> None:
     )
     for name in ("alembic", "mlflow", "urllib3", "rasterio", "fiona", "pyogrio", "matplotlib"):
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def resolve_device(name: str, what: str) -> torch.device:
+    """The torch device for ``auto``/``cpu``/``cuda``: CUDA when present, else the CPU.
+
+    Args:
+        name: ``"auto"``, ``"cuda"`` or ``"cpu"`` (a ``device`` param).
+        what: the params key, named in the warning when CUDA is asked for but absent.
+    """
+    if name in ("auto", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda")
+    if name != "cpu":
+        logger.warning("%s = %s but CUDA is not available; running on the CPU", what, name)
+    return torch.device("cpu")

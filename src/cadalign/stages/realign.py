@@ -27,7 +27,7 @@ from cadalign.atomic import atomic_path
 from cadalign.config import load_cities, load_section
 from cadalign.geo.labels import load_labelled_tiles
 from cadalign.geo.polygons import from_pixels, write_polygons
-from cadalign.stages.common import make_parser, setup_logging
+from cadalign.stages.common import make_parser, resolve_device, setup_logging
 from cadalign.tracking import stage_run
 from cadalign.train import load_model
 
@@ -40,15 +40,6 @@ class RealignStageConfig:
 
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when present, else CPU
     window: AlignConfig = field(default_factory=AlignConfig)
-
-
-def resolve_device(name: str) -> torch.device:
-    """The torch device for ``auto``/``cpu``/``cuda``; CUDA absent falls back to CPU with a warning."""
-    if name in ("auto", "cuda") and torch.cuda.is_available():
-        return torch.device("cuda")
-    if name == "cuda":
-        logger.warning("realign.device = cuda but CUDA is not available; running on the CPU")
-    return torch.device("cpu")
 
 
 def load_models(models_dir: Path, device: torch.device) -> dict[int, torch.nn.Module]:
@@ -77,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     setup_logging()
     cfg = load_section(args.params, "realign", RealignStageConfig)
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, "realign.device")
     models = load_models(args.models, device)
     tiles = load_labelled_tiles(args.cities_dir, args.labels, sorted(load_cities(args.params)))
     with stage_run(f"realign@{args.round}", {"realign": dataclasses.asdict(cfg), "factors": sorted(models)}) as run:
