@@ -81,7 +81,7 @@ train:
 realign:
   device: auto
   window: {output_size: 16, batch_size: 8, progress: false}
-similarity: {ds: 1, patch_size: 88, patches_per_tile: 4, n_queries: 2, k: 2, chunk_size: 4, device: cpu}
+similarity: {ds: 2, patch_size: 88, patches_per_tile: 4, n_queries: 2, k: 2, chunk_size: 4, device: cpu}
 rounds: {round1: round0, round2: round1, round3: round2}
 """
 

@@ -14,8 +14,8 @@ from conftest import TINY_STUDY_PARAMS, make_dvc_project
 def test_dvc_repro_whole_study(tmp_path, monkeypatch) -> None:
     params = (
         "cities:\n  minitown: {source: synthetic, style: dense, tiles: [1]}\n"
-        "synthetic: {size: 128, seed: 0}\n"
-        "draw: {tile: minitown1, window: [0, 0, 128, 128]}\n" + TINY_STUDY_PARAMS
+        "synthetic: {size: 384, seed: 0}\n"
+        "draw: {tile: minitown1, window: [0, 0, 384, 384]}\n" + TINY_STUDY_PARAMS
     )
     proj, dvc = make_dvc_project(tmp_path, params)
     db = tmp_path / "mlflow.db"
