@@ -11,10 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
-import shutil
-import subprocess
 import urllib.parse
 import zipfile
 from pathlib import Path
@@ -35,6 +32,7 @@ from cadalign.sources import http
 from cadalign.sources.inria import PARTS, ZIP_NAME, InriaError
 from cadalign.sources.osm import OverpassError
 from cadalign.stages import fetch, measure
+from conftest import TINY_STUDY_PARAMS, make_dvc_project
 from servers import LocalServer, Route, seven_zip, split_bytes
 
 EPSG = 32614  # UTM 14N, where Austin is
@@ -247,23 +245,17 @@ def test_synthetic_city_still_works(tmp_path, server, dataset, caplog):
 
 
 @pytest.mark.slow
-def test_dvc_repro_inria_city(tmp_path, server, dataset):
-    """The project's dvc.yaml runs fetch (and misalign) for an Inria city from the local servers."""
-    repo = Path(__file__).resolve().parents[1]
-    proj = tmp_path / "proj"
-    shutil.copytree(repo / "src", proj / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    shutil.copy(repo / "dvc.yaml", proj / "dvc.yaml")
+def test_dvc_repro_inria_city(tmp_path, server, dataset, monkeypatch):
+    """The project's dvc.yaml runs the registration study on an Inria city from the local servers.
+
+    Fetch, misalign, three rounds of train and realign, the evaluations, the OSM mask metric
+    and the figures. The similarity stages are left out: their 124-px analysis windows need
+    tiles larger than these 64-px fakes (the synthetic whole-study test runs them).
+    """
     params = _params(tmp_path, server, dataset, "  austin: {source: inria, tiles: [1, 2]}")
-    params.write_text(params.read_text() + "noise:\n  max_displacement: 3.0\nrounds:\n  round1: round0\n")
-    shutil.move(params, proj / "params.yaml")
-    env = {**os.environ, "PYTHONPATH": str(proj / "src")}
-
-    def dvc(*args: str) -> str:
-        done = subprocess.run(["dvc", *args], cwd=proj, env=env, capture_output=True, text=True, check=False)
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-        return done.stdout
-
-    dvc("init", "--no-scm", "-q")
+    text = params.read_text() + TINY_STUDY_PARAMS + "draw: {tile: austin1, window: [0, 0, 64, 64]}\n"
+    proj, dvc = make_dvc_project(tmp_path, text)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     dvc("repro", "misalign")
     assert sorted(p.name for p in (proj / "data" / "cities").iterdir()) == ["austin"]
     city_dir = proj / "data" / "cities" / "austin"
@@ -275,3 +267,11 @@ def test_dvc_repro_inria_city(tmp_path, server, dataset):
     n_requests = len(server.requests)
     assert "didn't change" in dvc("repro", "misalign")
     assert len(server.requests) == n_requests
+    dvc("repro", "draw", "measure@osm")
+    for k in range(4):
+        metrics = json.loads((proj / "data" / "eval" / f"round{k}" / "metrics.json").read_text())
+        assert metrics["n_vertices"] > 0 and metrics["mask_offset"]["n_polygons"] > 0
+    osm = json.loads((proj / "data" / "eval" / "osm" / "metrics.json").read_text())
+    assert osm["median_offset_px"] == pytest.approx(np.hypot(*OSM_SHIFT))  # the fake OSM shift
+    assert (proj / "data" / "figures" / "overlay.png").read_bytes()[:4] == b"\x89PNG"
+    assert len(server.requests) == n_requests  # training and evaluation never touch the network
