@@ -45,16 +45,28 @@ def is_rank_zero() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
-    """Flatten nested mappings to dotted keys with string values (MLflow params)."""
-    out: dict[str, str] = {}
-    for key, value in params.items():
+def _leaves(mapping: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted key, value) of every non-mapping value of nested mappings."""
+    for key, value in mapping.items():
         name = f"{prefix}{key}"
         if isinstance(value, Mapping):
-            out.update(flatten(value, prefix=f"{name}."))
+            yield from _leaves(value, prefix=f"{name}.")
         else:
-            out[name] = str(value)[:_MAX_PARAM]
-    return out
+            yield name, value
+
+
+def flatten(params: Mapping[str, Any]) -> dict[str, str]:
+    """Flatten nested mappings to dotted keys with string values (MLflow params)."""
+    return {key: str(value)[:_MAX_PARAM] for key, value in _leaves(params)}
+
+
+def flatten_numbers(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """Flatten nested metric mappings to dotted keys, keeping numeric values only."""
+    return {
+        key: float(value)
+        for key, value in _leaves(metrics)
+        if isinstance(value, (int, float)) and not isinstance(value, bool)
+    }
 
 
 class StageRun:
@@ -93,18 +105,6 @@ class StageRun:
             return
         for key, value in tags.items():
             self.client.set_tag(self.run_id, key, str(value))
-
-
-def flatten_numbers(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
-    """Flatten nested metric mappings to dotted keys, keeping numeric values only."""
-    out: dict[str, float] = {}
-    for key, value in metrics.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            out.update(flatten_numbers(value, prefix=f"{name}."))
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            out[name] = float(value)
-    return out
 
 
 def _artifact_root(uri: str) -> str | None:
