@@ -35,9 +35,9 @@ from typing import Literal
 
 import matplotlib.pyplot as plt
 import numpy as np
-from matplotlib.colors import ListedColormap
 import shapely
 import torch
+from matplotlib.colors import ListedColormap
 
 from cadalign.atomic import atomic_path, write_json
 from cadalign.config import load_cities, load_section

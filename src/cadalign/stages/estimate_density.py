@@ -24,7 +24,6 @@ import csv
 import dataclasses
 import logging
 from pathlib import Path
-
 from typing import Any
 
 import numpy as np

@@ -18,10 +18,10 @@ Usage (DDP: ``torchrun --nproc_per_node N -m cadalign.stages.train ...``)::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
-import contextlib
 import logging
 import os
 import tempfile
