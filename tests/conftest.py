@@ -12,6 +12,7 @@ import geopandas as gpd
 import numpy as np
 import pytest
 import shapely
+import torch
 from affine import Affine
 from rasterio import features
 
@@ -31,6 +32,15 @@ def _mlflow_store(tmp_path_factory: pytest.TempPathFactory) -> None:
     mp.setenv("CADALIGN_STUDY", "pytest")
     yield
     mp.undo()
+
+
+@pytest.fixture
+def one_thread() -> None:
+    """One torch thread: on a shared 2-core machine, tiny models run far faster without contention."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def tiny_polygons() -> np.ndarray:

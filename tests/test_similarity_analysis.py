@@ -19,13 +19,7 @@ TINY = ModelConfig(image_widths=(4, 8), poly_widths=(2, 4), deep_supervision_lev
 SIZE = 30  # valid input of the 2-level net: output 6
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    """One torch thread: on a shared 2-core machine, tiny models run far faster without contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny_net(seed: int) -> AlignNet:

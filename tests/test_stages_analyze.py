@@ -46,13 +46,7 @@ SIZE, MARGIN = 32, 12
 GOOD = [(0, 0), (32, 0), (0, 32)]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    """One torch thread: on a shared 2-core machine, tiny models run far faster without contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _truth_geoms() -> np.ndarray:
