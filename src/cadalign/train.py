@@ -275,8 +275,14 @@ def resume_step(checkpoint_path: str | Path) -> int:
     return int(torch.load(path, map_location="cpu", weights_only=True)["step"])
 
 
+def save_model(model: AlignNet, path: str | Path) -> None:
+    """Write a network's weights and config (``{model, config}``) atomically, for :func:`load_model`."""
+    with atomic_path(path) as tmp:
+        torch.save({"model": model.state_dict(), "config": asdict(model.cfg)}, tmp)
+
+
 def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> AlignNet:
-    """Load a trained network written by :func:`train`.
+    """Load a network written by :func:`save_model` (e.g. by :func:`train`).
 
     Args:
         path: the model file (a dict with ``model`` and ``config``).
@@ -329,6 +335,7 @@ def train(
     checkpoint_path: Path,
     model_path: Path,
     on_log: Callable[[int, dict[str, float]], None] | None = None,
+    init: AlignNet | None = None,
 ) -> dict[str, Any]:
     """Train one alignment network, resuming from ``checkpoint_path`` if it exists.
 
@@ -348,6 +355,8 @@ def train(
         model_path: final weights ``{model, config}``, written at the end.
         on_log: called on rank 0 every ``log_every`` steps with the step (1-based count of
             finished steps) and the loss terms, ``lr`` and ``patches_per_s``.
+        init: a network to start from (warm start; its config must equal ``model_cfg``)
+            instead of the seeded random initialisation. A checkpoint, when present, wins.
 
     Returns:
         Final statistics: ``steps``, ``start_step``, ``loss`` (terms of the last step),
@@ -357,13 +366,18 @@ def train(
         FloatingPointError: on a non-finite loss; the last good checkpoint stays, and no
             model file is written.
         RuntimeError: on CUDA out-of-memory, with a hint to lower the batch size.
-        ValueError: if the checkpoint belongs to a different model, or the dataset is
-            smaller than a batch.
+        ValueError: if the checkpoint or ``init`` belongs to a different model, or the
+            dataset is smaller than a batch.
     """
     rt = setup_runtime(train_cfg)
     checkpoint_path, model_path = Path(checkpoint_path), Path(model_path)
     on_cuda = rt.device.type == "cuda"
-    raw_model = AlignNet(model_cfg).to(rt.device)
+    raw_model = AlignNet(model_cfg)
+    if init is not None:
+        if init.cfg != model_cfg:
+            raise ValueError(f"the initial network has config {init.cfg}, not the model to train {model_cfg}")
+        raw_model.load_state_dict(init.state_dict())
+    raw_model = raw_model.to(rt.device)
     optimizer = make_optimizer(raw_model, train_cfg, fused=on_cuda)
     scaler = torch.amp.GradScaler("cuda") if rt.autocast_dtype == torch.float16 else None
 
@@ -468,8 +482,7 @@ def train(
 
     elapsed = time.perf_counter() - t_start
     if rt.is_main:
-        with atomic_path(model_path) as tmp:
-            torch.save({"model": raw_model.state_dict(), "config": asdict(model_cfg)}, tmp)
+        save_model(raw_model, model_path)
         logger.info("wrote %s after %d steps", model_path, train_cfg.steps)
     if rt.distributed:
         dist.barrier()  # no rank goes on (to the next network, or exits) before rank 0 has written

@@ -8,11 +8,13 @@ Writes ``--out/ds<f>.pt`` (weights + model config) for each factor, the training
 ``--log`` (CSV: round, ds, step, loss terms, lr, patches/s; a DVC plot), and keeps resumable
 checkpoints in ``--checkpoints`` (a DVC ``persist`` output): a killed run resumes where it
 stopped when the stage is rerun. A checkpoint made for other inputs or settings is discarded.
+With ``train.warm_start`` each network starts from ``--init/ds<f>.pt`` (the previous round's
+network; round 1: the initialize stage's) instead of a fresh initialisation.
 
 Usage (DDP: ``torchrun --nproc_per_node N -m cadalign.stages.train ...``)::
 
     python -m cadalign.stages.train --params params.yaml --round round1 --cities-dir data/cities \
-        --labels data/labels/round0 --out data/models/round1 \
+        --labels data/labels/round0 --init data/models/round0 --out data/models/round1 \
         --checkpoints data/checkpoints/round1 --log data/train_logs/round1.csv
 """
 
@@ -37,7 +39,7 @@ from cadalign.model import AlignNet, LossConfig, ModelConfig
 from cadalign.patches import PatchConfig, PatchDataset, TileData
 from cadalign.stages.common import make_parser, setup_logging
 from cadalign.tracking import is_rank_zero, stage_run
-from cadalign.train import TrainConfig, resume_step, train
+from cadalign.train import TrainConfig, load_model, resume_step, train
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +63,10 @@ class TrainStageConfig:
     # Here ``patches.field_extent`` is in FULL-resolution px (divided by ds per network), so
     # the training noise can be as smooth as the label noise (one field per tile side).
     patches: PatchConfig = field(default_factory=PatchConfig)
+    # Start each round's networks from the previous round's (round 1 from the seeded
+    # initialisation of the initialize stage) instead of afresh as the reference did: round
+    # k then fine-tunes on the better labels, which lets a short CPU run keep learning.
+    warm_start: bool = False
 
     def validate(self) -> None:
         default = PatchConfig()
@@ -89,14 +95,42 @@ def patch_config(cfg: TrainStageConfig, ds: int, seed: int) -> PatchConfig:
     )
 
 
-def fingerprint(cfg: TrainStageConfig, labels_dir: Path, cities: list[str], ds: int) -> str:
-    """Hash of the settings and the label files a network is trained from."""
+def network_seed(cfg: TrainStageConfig, round_index: int, ds: int) -> int:
+    """Seed of the network of factor ``ds`` in round ``round_index`` (its init and its patches)."""
+    return cfg.optim.seed + 1000 * round_index + ds
+
+
+def fingerprint(cfg: TrainStageConfig, labels_dir: Path, cities: list[str], ds: int, init: Path | None) -> str:
+    """Hash of the settings, the label files and the initial network a network is trained from."""
     h = hashlib.sha256(json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str).encode())
     h.update(str(ds).encode())
     for path in label_files(labels_dir, cities):
         h.update(path.relative_to(labels_dir).as_posix().encode())
         h.update(hashlib.sha256(path.read_bytes()).digest())
+    if init is not None:
+        h.update(hashlib.sha256(init.read_bytes()).digest())
     return h.hexdigest()
+
+
+def initial_network(init_dir: Path, ds: int, cfg: TrainStageConfig) -> Path:
+    """The file of the network of factor ``ds`` to warm-start from, checked against ``train.model``.
+
+    Raises:
+        FileNotFoundError: if it is missing.
+        ValueError: if it was made with other ``train.model`` settings.
+    """
+    path = init_dir / f"ds{ds}.pt"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"train.warm_start is true but {path} is missing: run the stage that writes {init_dir} "
+            "(dvc repro), or set train.warm_start: false"
+        )
+    if load_model(path).cfg != cfg.model:
+        raise ValueError(
+            f"{path} was made with other train.model settings than params.yaml's; rerun the stage that "
+            f"writes {init_dir} (dvc repro), or set train.warm_start: false"
+        )
+    return path
 
 
 def _checkpoint_for(ckpt_dir: Path, ds: int, stamp: str) -> Path:
@@ -119,9 +153,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True, help="folder of the trained networks")
     parser.add_argument("--checkpoints", type=Path, required=True, help="folder of resumable checkpoints")
     parser.add_argument("--log", type=Path, required=True, help="training log CSV")
+    parser.add_argument(
+        "--init", type=Path, help="networks (ds<f>.pt) to start from when train.warm_start is true: the previous round's"
+    )
     args = parser.parse_args(argv)
     setup_logging()
     cfg = load_section(args.params, "train", TrainStageConfig)
+    if cfg.warm_start and args.init is None:
+        raise ValueError(f"{args.params}: train.warm_start is true; pass --init <the previous round's networks>")
     cities = sorted(load_cities(args.params))
     tiles = load_labelled_tiles(args.cities_dir, args.labels, cities)
     data = [TileData(image=t.tile.image, labels=t.geoms, ids=t.ids) for t in tiles if len(t.geoms)]
@@ -135,10 +174,11 @@ def main(argv: list[str] | None = None) -> None:
         with out_dir as out_tmp:
             out_tmp.mkdir(exist_ok=True)
             for i, ds in enumerate(sorted(cfg.factors, reverse=True)):
-                seed = cfg.optim.seed + 1000 * round_index + ds
+                seed = network_seed(cfg, round_index, ds)
                 pcfg = patch_config(cfg, ds, seed)
                 optim = dataclasses.replace(cfg.optim, seed=seed)
-                ckpt = _checkpoint_for(args.checkpoints, ds, fingerprint(cfg, args.labels, cities, ds))
+                init = initial_network(args.init, ds, cfg) if cfg.warm_start else None
+                ckpt = _checkpoint_for(args.checkpoints, ds, fingerprint(cfg, args.labels, cities, ds, init))
                 # Each rank draws its own patches; a resumed run continues with fresh ones.
                 dataset = PatchDataset(data, pcfg, rank=int(os.environ.get("RANK", "0")), stream=resume_step(ckpt))
                 offset = i * optim.steps  # MLflow step axis: networks one after the other
@@ -148,7 +188,10 @@ def main(argv: list[str] | None = None) -> None:
                     run.log_metrics({f"ds{ds}.{k}": v for k, v in stats.items()}, step=offset + step)
 
                 logger.info("training ds=%d: input %d px, output %d px", ds, pcfg.input_size, pcfg.output_size)
-                result = train(cfg.model, cfg.loss, optim, dataset, ckpt, out_tmp / f"ds{ds}.pt", on_log=on_log)
+                start = load_model(init) if init is not None else None
+                if start is not None:
+                    logger.info("ds=%d starts from %s", ds, init)
+                result = train(cfg.model, cfg.loss, optim, dataset, ckpt, out_tmp / f"ds{ds}.pt", on_log=on_log, init=start)
                 if result["steps"] > result["start_step"]:  # not already finished in a checkpoint
                     run.log_metrics({f"ds{ds}.final_loss": result["loss"]["loss"]}, step=offset + result["steps"])
         if is_rank_zero():
