@@ -114,3 +114,10 @@ def make_dvc_project(root: Path, params: str) -> tuple[Path, Callable[..., str]]
 
     dvc("init", "--no-scm", "-q")
     return proj, dvc
+
+
+def max_weight_diff(a: torch.nn.Module, b: torch.nn.Module) -> float:
+    """Largest absolute difference between two networks' weights (same architecture)."""
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    return max((sa[k].float() - sb[k].float()).abs().max().item() for k in sa)

@@ -10,10 +10,13 @@ import numpy as np
 import pytest
 import shapely
 import torch
+from conftest import max_weight_diff
 
+from cadalign.config import load_section
 from cadalign.geo.polygons import read_polygons, write_polygons
+from cadalign.model import AlignNet
 from cadalign.stages import evaluate as evaluate_stage
-from cadalign.stages import misalign, realign, train
+from cadalign.stages import initialize, misalign, realign, train
 from cadalign.train import load_model
 
 TINY_TRAIN = """
@@ -54,10 +57,11 @@ def study(tmp_path: Path, tiny_city: Path) -> dict[str, Path]:
     return paths
 
 
-def run_train(p: dict[str, Path], labels: str = "round0") -> None:
+def run_train(p: dict[str, Path], labels: str = "round0", init: Path | None = None) -> None:
     train.main(
         ["--params", str(p["params"]), "--round", "round1", "--cities-dir", str(p["cities"]),
          "--labels", str(p[labels]), "--out", str(p["models"]), "--checkpoints", str(p["ckpt"]), "--log", str(p["log"])]
+        + (["--init", str(init)] if init is not None else [])
     )
 
 
@@ -130,3 +134,39 @@ def test_realign_without_models(study: dict[str, Path]) -> None:
     study["models"].mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="no networks ds<f>.pt"):
         run_realign(study)
+
+
+@pytest.fixture
+def warm(study: dict[str, Path]) -> dict[str, Path]:
+    """The tiny study with train.warm_start from the initialize stage's networks, at a vanishing lr."""
+    text = study["params"].read_text().replace("lr: 0.001}", "lr: 1.0e-12}")
+    text = text.replace("  patches: {keep_prob: 1.0}\n", "  patches: {keep_prob: 1.0}\n  warm_start: true\n")
+    study["params"].write_text(text)
+    study["init"] = study["models"].parent / "round0"
+    initialize.main(["--params", str(study["params"]), "--out", str(study["init"])])
+    return study
+
+
+def test_warm_start_trains_from_the_given_networks(warm: dict[str, Path]) -> None:
+    run_train(warm, init=warm["init"])
+    cfg = load_section(warm["params"], "train", train.TrainStageConfig)
+    for ds in (1, 2):
+        trained, start = load_model(warm["models"] / f"ds{ds}.pt"), load_model(warm["init"] / f"ds{ds}.pt")
+        # at lr 1e-12 four Adam steps move no weight by more than ~4e-12
+        assert max_weight_diff(trained, start) < 1e-9
+        torch.manual_seed(train.network_seed(cfg, 1, ds))  # what a fresh round-1 network starts from
+        assert max_weight_diff(trained, AlignNet(cfg.model)) > 1e-3
+
+
+def test_warm_start_needs_matching_networks(warm: dict[str, Path]) -> None:
+    with pytest.raises(ValueError, match=r"train.warm_start is true; pass --init"):
+        run_train(warm)
+    wider = warm["params"].read_text().replace("image_widths: [4, 8]", "image_widths: [6, 8]")
+    warm["params"].write_text(wider)
+    initialize.main(["--params", str(warm["params"]), "--out", str(warm["init"])])
+    warm["params"].write_text(wider.replace("image_widths: [6, 8]", "image_widths: [4, 8]"))
+    with pytest.raises(ValueError, match=r"ds2.pt was made with other train.model settings"):
+        run_train(warm, init=warm["init"])
+    (warm["init"] / "ds2.pt").unlink()
+    with pytest.raises(FileNotFoundError, match=r"ds2.pt is missing.*train.warm_start: false"):
+        run_train(warm, init=warm["init"])
