@@ -178,3 +178,9 @@ def seven_zip(members: dict[str, bytes]) -> bytes:
         for name, data in members.items():
             archive.writestr(data, name)
     return buf.getvalue()
+
+
+def serve_volumes(server: LocalServer, parts: list[str], volumes: list[bytes], prefix: str = "/aerial/") -> None:
+    """Serve the 7z volumes of a fake Inria archive as ``prefix + part name``, like files.inria.fr."""
+    for name, data in zip(parts, volumes, strict=True):
+        server.add(prefix + name, Route(data=data))

@@ -31,7 +31,7 @@ from cadalign.sources.inria import (
     fetch_city,
     mask_to_polygons,
 )
-from servers import LocalServer, Reply, Route, seven_zip, split_bytes
+from servers import LocalServer, Reply, serve_volumes, seven_zip, split_bytes
 
 CRS_BY_CITY = {"austin": "EPSG:32614", "bellingham": "EPSG:32610"}
 TILES = {"austin": [1, 2, 3], "bellingham": [1, 2]}
@@ -65,8 +65,7 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> dict:
 def server(dataset, monkeypatch):
     monkeypatch.setattr(http, "_sleep", lambda s: None)
     with LocalServer() as srv:
-        for name, data in zip(PARTS, dataset["volumes"], strict=True):
-            srv.add(f"/aerial/{name}", Route(data=data))
+        serve_volumes(srv, PARTS, dataset["volumes"])
         yield srv
 
 

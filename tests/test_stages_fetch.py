@@ -33,7 +33,7 @@ from cadalign.sources.inria import PARTS, ZIP_NAME, InriaError
 from cadalign.sources.osm import OverpassError
 from cadalign.stages import fetch, measure
 from conftest import TINY_STUDY_PARAMS, make_dvc_project
-from servers import LocalServer, Route, seven_zip, split_bytes
+from servers import LocalServer, Route, serve_volumes, seven_zip, split_bytes
 
 EPSG = 32614  # UTM 14N, where Austin is
 SIZE = 64
@@ -105,8 +105,7 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> dict:
 def server(dataset, monkeypatch):
     monkeypatch.setattr(http, "_sleep", lambda s: None)
     with LocalServer() as srv:
-        for name, data in zip(PARTS, dataset["volumes"], strict=True):
-            srv.add(f"/aerial/{name}", Route(data=data))
+        serve_volumes(srv, PARTS, dataset["volumes"])
         srv.add("/api/interpreter", Route(data=_overpass_answer([1, 2]), content_type="application/json"))
         yield srv
 
