@@ -31,17 +31,11 @@ from pathlib import Path
 import torch
 
 from cadalign.config import load_cities, load_section
-from cadalign.geo.labels import load_labelled_tiles
-from cadalign.patches import PatchDataset, TileData
-from cadalign.stages.train import TrainStageConfig, network_seed, patch_config
+from cadalign.patches import PatchDataset
+from cadalign.stages.train import TrainStageConfig, network_seed, patch_config, training_tiles
 from cadalign.train import load_model, resume_step, train
 
 logger = logging.getLogger(__name__)
-
-
-def _tiles(cities_dir: Path, labels: Path, cities: list[str]) -> list[TileData]:
-    tiles = load_labelled_tiles(cities_dir, labels, cities)
-    return [TileData(image=t.tile.image, labels=t.geoms, ids=t.ids) for t in tiles if len(t.geoms)]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -64,13 +58,14 @@ def main(argv: list[str] | None = None) -> None:
     cities = sorted(load_cities(args.params))
     seed = network_seed(cfg, 1, ds)
     pcfg = patch_config(cfg, ds, seed)
-    held_out = PatchDataset(_tiles(args.cities_dir, args.truth, cities), dataclasses.replace(pcfg, keep_prob=1.0, seed=seed + 1))
+    held_out_cfg = dataclasses.replace(pcfg, keep_prob=1.0, seed=seed + 1)
+    held_out = PatchDataset(training_tiles(args.cities_dir, args.truth, cities), held_out_cfg)
     samples = [held_out.sample(i) for i in range(args.n_eval)]
     batch = {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
     edge = batch["polys_out"][:, 1] > 0.5
     scale = cfg.model.disp_max_px
     zero = (batch["disp"] * scale).norm(dim=1)[edge].mean().item()
-    data = _tiles(args.cities_dir, args.labels, cities)
+    data = training_tiles(args.cities_dir, args.labels, cities)
 
     print(f"ds {ds}, labels {args.labels}, {len(samples)} held-out patches, zero prediction {zero:.3f} px")
     print(f"{'step':>6} {'edge error px':>14} {'vs zero':>8} {'loss':>9} {'patches/s':>10}")

@@ -95,6 +95,12 @@ def patch_config(cfg: TrainStageConfig, ds: int, seed: int) -> PatchConfig:
     )
 
 
+def training_tiles(cities_dir: Path, labels_dir: Path, cities: list[str]) -> list[TileData]:
+    """The tiles of a label set that hold at least one polygon, as the patch sampler takes them."""
+    tiles = load_labelled_tiles(cities_dir, labels_dir, cities)
+    return [TileData(image=t.tile.image, labels=t.geoms, ids=t.ids) for t in tiles if len(t.geoms)]
+
+
 def network_seed(cfg: TrainStageConfig, round_index: int, ds: int) -> int:
     """Seed of the network of factor ``ds`` in round ``round_index`` (its init and its patches)."""
     return cfg.optim.seed + 1000 * round_index + ds
@@ -162,8 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.warm_start and args.init is None:
         raise ValueError(f"{args.params}: train.warm_start is true; pass --init <the previous round's networks>")
     cities = sorted(load_cities(args.params))
-    tiles = load_labelled_tiles(args.cities_dir, args.labels, cities)
-    data = [TileData(image=t.tile.image, labels=t.geoms, ids=t.ids) for t in tiles if len(t.geoms)]
+    data = training_tiles(args.cities_dir, args.labels, cities)
     logger.info("%s: %d tiles, %d buildings", args.round, len(data), sum(len(t.labels) for t in data))
     round_index = int("".join(c for c in args.round if c.isdigit()) or 0)
     rows: list[str] = [",".join(LOG_COLUMNS)]
