@@ -72,6 +72,18 @@ class _EvenModel(CropModel):
         return (input_size - 2 * self.margin) // 2 * 2
 
 
+class GradientModel(CropModel):
+    """Outputs the central-difference gradient of image channel 0: a field that follows every
+    flip and transpose of the image exactly (vectors included)."""
+
+    def forward(self, image: torch.Tensor, polys: torch.Tensor) -> _Out:
+        f, m = image[:, :1], self.margin
+        gx = (f[..., 1:-1, 2:] - f[..., 1:-1, :-2]) / 2  # index i of these is pixel i + 1
+        gy = (f[..., 2:, 1:-1] - f[..., :-2, 1:-1]) / 2
+        grad = torch.cat([gx, gy], dim=1)[..., m - 1 : -(m - 1), m - 1 : -(m - 1)]
+        return _Out(disp=[grad], seg=[grad])
+
+
 def _image(height: int, width: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
 
@@ -175,6 +187,56 @@ class _LyingModel(CropModel):
         return _Out(disp=[crop], seg=[crop])
 
 
+def _numpy_gradient(image: np.ndarray) -> np.ndarray:
+    """(dx, dy) of image channel 0 by central differences, as GradientModel scales it."""
+    f = image[:, :, 0].astype(np.float64) / 127.5 - 1.0
+    padded = np.pad(f, 1, mode="reflect")
+    gx = (padded[1:-1, 2:] - padded[1:-1, :-2]) / 2
+    gy = (padded[2:, 1:-1] - padded[:-2, 1:-1]) / 2
+    return np.stack([gx, gy]) * DISP_MAX
+
+
+@pytest.mark.parametrize("symmetries", [2, 4, 8])
+def test_symmetries_map_fields_back_onto_the_image(symmetries: int) -> None:
+    """An equivariant model gives the same field with and without test-time transforms."""
+    image = _image(37, 52)
+    cfg = AlignConfig(output_size=16, batch_size=5, progress=False, symmetries=symmetries)
+    field = predict_field(GradientModel(margin=6), image, _geoms(), "cpu", cfg)
+    np.testing.assert_allclose(field, _numpy_gradient(image), atol=1e-4)
+
+
+def test_symmetries_cancel_what_does_not_follow_the_image() -> None:
+    """A constant (vx, vy) flipped in x averages to (0, vy); all flips and transposes to 0."""
+    image, model = _image(40, 40), ConstantModel(margin=6, value=(0.5, -0.25))
+    fields = {
+        n: predict_field(model, image, _geoms(), "cpu", AlignConfig(output_size=16, progress=False, symmetries=n))
+        for n in (1, 2, 4, 8)
+    }
+    np.testing.assert_allclose(fields[1], np.array([2.0, -1.0])[:, None, None] * np.ones((2, 40, 40)), atol=1e-5)
+    np.testing.assert_allclose(fields[2][0], 0.0, atol=1e-5)
+    np.testing.assert_allclose(fields[2][1], -1.0, atol=1e-5)
+    np.testing.assert_allclose(fields[4], 0.0, atol=1e-5)
+    np.testing.assert_allclose(fields[8], 0.0, atol=1e-5)
+
+
+def test_symmetric_average_is_equivariant_for_any_model() -> None:
+    """With all 8 transforms, transposing or flipping the input transposes or flips the field,
+    even for a model (the polygon raster as a field) that ignores orientation."""
+    image, geoms = _image(30, 44), _geoms()
+    cfg = AlignConfig(output_size=16, batch_size=7, progress=False, symmetries=8)
+    model = CropModel(margin=6, source="polys")
+    field = predict_field(model, image, geoms, "cpu", cfg)
+    transposed = predict_field(
+        model, image.swapaxes(0, 1).copy(), shapely.transform(geoms, lambda xy: xy[:, ::-1]), "cpu", cfg
+    )
+    np.testing.assert_allclose(transposed, field.swapaxes(1, 2)[::-1], atol=1e-5)
+    flipped = predict_field(
+        model, image[:, ::-1].copy(), shapely.transform(geoms, lambda xy: np.column_stack([44 - xy[:, 0], xy[:, 1]])), "cpu", cfg
+    )
+    np.testing.assert_allclose(flipped, field[:, :, ::-1] * np.array([-1.0, 1.0])[:, None, None], atol=1e-5)
+    assert np.abs(field).max() > 0.1  # the polygons are there
+
+
 def test_predict_field_rejects_outputs_of_the_wrong_size() -> None:
     with pytest.raises(ValueError, match=r"model returned disp\[0\] of shape \(5, 2, 18, 18\)"):
         predict_field(_LyingModel(margin=6), _image(40, 40), _geoms(), "cpu", CFG)
@@ -240,3 +302,5 @@ def test_config_validation() -> None:
     with pytest.raises(ConfigError, match="is not one of"):
         from_dict(AlignConfig, {"window": "gauss"}, "params.yaml: align")
     assert from_dict(AlignConfig, {"output_size": 60}, "params.yaml: align").stride == 30
+    with pytest.raises(ValueError, match="symmetries=3 must be 1, 2, 4 or 8"):
+        AlignConfig(symmetries=3).validate()

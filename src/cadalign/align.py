@@ -7,7 +7,10 @@ windows as an interior pixel. The image is reflect-padded so each window has its
 context (``margin = (S - O) / 2`` around the output), the polygons are rasterized on the
 padded grid, and overlapping outputs are blended with a smooth separable weight (Hann by
 default, which with 50 % overlap sums to a constant), normalised by the weight sum: windows
-never overwrite each other, and there are no seams.
+never overwrite each other, and there are no seams. With ``symmetries`` > 1 the prediction is
+repeated on flipped and transposed copies of the image and polygons (the dihedral group of the
+square, whose elements the networks saw in training), each field is mapped back, its vectors
+flipped or swapped with it, and the fields are averaged (test-time augmentation).
 
 :func:`realign` chains networks over decreasing downsampling factors; each moves every
 vertex by the field sampled bilinearly at the vertex (``shapely.transform``: structure,
@@ -49,6 +52,10 @@ class AlignConfig:
     weight_floor: float = 0.01
     edge_width: float = 3.0  # edge band of the polygon raster, px; must match training
     progress: bool = True  # tqdm bar over windows
+    # Dihedral transforms averaged per prediction: 1 (none), 2 (+ flip x), 4 (+ flip y, both
+    # flips) or 8 (+ the transposes: all rotations and flips of the square). Costs that many
+    # passes; averaging cancels the part of the output that does not follow the image.
+    symmetries: int = 1
 
     def validate(self) -> None:
         """Check value ranges.
@@ -64,6 +71,8 @@ class AlignConfig:
             raise ValueError(f"weight_floor={self.weight_floor} must be in (0, 1]")
         if self.edge_width <= 0:
             raise ValueError(f"edge_width={self.edge_width} must be > 0")
+        if self.symmetries not in (1, 2, 4, 8):
+            raise ValueError(f"symmetries={self.symmetries} must be 1, 2, 4 or 8")
 
     @property
     def stride(self) -> int:
@@ -192,6 +201,44 @@ def _check_image(image: np.ndarray) -> None:
         raise ValueError(f"image must be at least 2 x 2 px to be reflect-padded, got {image.shape[:2]}")
 
 
+def _transform_image(image: np.ndarray, t: int) -> np.ndarray:
+    """Dihedral transform ``t`` of an (H, W, ...) array: bit 2 transpose, then bit 1 flip rows
+    (y), then bit 0 flip columns (x)."""
+    if t & 4:
+        image = image.swapaxes(0, 1)
+    if t & 2:
+        image = image[::-1]
+    if t & 1:
+        image = image[:, ::-1]
+    return np.ascontiguousarray(image)
+
+
+def _transform_geoms(geoms: np.ndarray, t: int, height: int, width: int) -> np.ndarray:
+    """The polygons of an (height, width) image under :func:`_transform_image` ``t``."""
+
+    def move(xy: np.ndarray) -> np.ndarray:
+        h, w = height, width
+        if t & 4:
+            xy, h, w = xy[:, ::-1], w, h
+        x = w - xy[:, 0] if t & 1 else xy[:, 0]
+        y = h - xy[:, 1] if t & 2 else xy[:, 1]
+        return np.column_stack([x, y])
+
+    return shapely.transform(geoms, move)
+
+
+def _untransform_field(field: np.ndarray, t: int) -> np.ndarray:
+    """Map a (2, H', W') field predicted on :func:`_transform_image` ``t`` back to the image:
+    the grid is undone and the (dx, dy) vectors are flipped or swapped with it."""
+    if t & 1:
+        field = field[:, :, ::-1] * np.array([-1, 1], dtype=field.dtype)[:, None, None]
+    if t & 2:
+        field = field[:, ::-1] * np.array([1, -1], dtype=field.dtype)[:, None, None]
+    if t & 4:
+        field = field.swapaxes(1, 2)[::-1]
+    return field
+
+
 def predict_field(
     model: nn.Module,
     image: np.ndarray,
@@ -200,6 +247,9 @@ def predict_field(
     cfg: AlignConfig,
 ) -> np.ndarray:
     """Predict the displacement field of one network over a whole image.
+
+    With ``cfg.symmetries`` > 1, the mean of the fields predicted on that many dihedral
+    transforms of the image and polygons, each mapped back (vectors included).
 
     The model is moved to ``device`` and run in eval mode without gradients; its previous
     train/eval mode is restored afterwards.
@@ -222,6 +272,19 @@ def predict_field(
     """
     cfg.validate()
     _check_image(image)
+    geoms = np.asarray(geoms_px, dtype=object).ravel()
+    height, width = image.shape[:2]
+    total = np.zeros((2, height, width), dtype=np.float32)
+    for t in range(cfg.symmetries):
+        field = _predict_windows(model, _transform_image(image, t), _transform_geoms(geoms, t, height, width), device, cfg)
+        total += _untransform_field(field, t)
+    return total / cfg.symmetries
+
+
+def _predict_windows(
+    model: nn.Module, image: np.ndarray, geoms: np.ndarray, device: torch.device | str, cfg: AlignConfig
+) -> np.ndarray:
+    """One sliding-window pass of :func:`predict_field` (no transform)."""
     size_in, margin = _window_sizes(model, cfg)
     size_out, stride = cfg.output_size, cfg.stride
     height, width = image.shape[:2]
@@ -231,7 +294,7 @@ def predict_field(
     bottom, right = int(rows[-1]) + size_out + margin - height, int(cols[-1]) + size_out + margin - width
     padded = np.pad(image, ((top, bottom), (left, right), (0, 0)), mode="reflect")
     polys = rasterize_polygons(
-        np.asarray(geoms_px, dtype=object).ravel(),
+        geoms,
         padded.shape[:2],
         offset=(-left, -top),
         edge_width=cfg.edge_width,
