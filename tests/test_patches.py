@@ -215,6 +215,25 @@ def test_field_extent_gives_smoother_fields() -> None:
     assert mean_gradient(smooth) < 0.5 * mean_gradient(rough)
 
 
+def test_field_scale_widens_the_field_and_clips_the_target() -> None:
+    """field_scale multiplies the random field; the target keeps the tanh normaliser and clips."""
+    base = PatchConfig(**SMOOTH, keep_prob=1.0, inverse_target=False)
+    wide = PatchConfig(**SMOOTH, keep_prob=1.0, inverse_target=False, field_scale=3.0)
+    assert wide.field_max == 3.0 * wide.max_displacement
+    narrow, broad = PatchSampler([_tile(n=80)], base), PatchSampler([_tile(n=80)], wide)
+    clipped = 0
+    for k in range(4):
+        a, b = (s.draw(np.random.default_rng(k), angle=0.3, flipped=True) for s in (narrow, broad))
+        np.testing.assert_allclose(b.field_px, 3.0 * a.field_px, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(b.disp, np.clip(b.field_px / wide.max_displacement, -1, 1))
+        clipped += int((np.abs(b.field_px) > wide.max_displacement).sum())
+        labels, inputs = _vertex_pairs(b, wide)
+        np.testing.assert_allclose(sample_field(b.field_px, labels), labels - inputs, atol=0.1)
+    assert clipped > 0  # some target values were beyond the tanh range
+    with pytest.raises(ConfigError, match="field_scale"):
+        from_dict(PatchConfig, {"field_scale": 0.0}, "params.yaml: patches")
+
+
 def test_downsample_area_average_and_label_scale() -> None:
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, size=(64, 96, 3), dtype=np.uint8)

@@ -88,6 +88,12 @@ class PatchConfig:
     # disp_max_px. After a rotation a vector may exceed it in one component; such target
     # values are clipped to [-1, 1] like the tanh output they are compared with.
     max_displacement: float = 4.0
+    # Largest |component| of the random field as a multiple of max_displacement. The field's
+    # rms is ~0.27 x its largest component, so at 1 it is ~1 px at the network's resolution and
+    # the network learns to undo only k = s_F^2 / (s_F^2 + s_N^2) of label noise of rms s_N
+    # (the rest is indistinguishable from the noise it was trained to ignore). Above 1 the
+    # field is wider than the tanh range and the target values beyond it are clipped.
+    field_scale: float = 1.0
     # Target at output pixel p. True: the inverse field G with p + G(p) landing exactly on the
     # label, G(p) = F(p + G(p)) (so the network learns the move that undoes the noise). False:
     # F itself, as the reference did ("correction = misaligned + D(misaligned)"), which is
@@ -123,6 +129,11 @@ class PatchConfig:
         return (self.input_size - self.output_size) // 2
 
     @property
+    def field_max(self) -> float:
+        """Largest |component| of the random field, px at the network's resolution."""
+        return self.field_scale * self.max_displacement
+
+    @property
     def crop_size(self) -> int:
         """Side C of the rotation-safe crop the field is drawn over."""
         return math.ceil(self.input_size * math.sqrt(2.0)) + self.crop_slack
@@ -147,6 +158,8 @@ class PatchConfig:
             )
         if not self.max_displacement > 0:
             raise ValueError(f"max_displacement={self.max_displacement} must be > 0 px")
+        if not self.field_scale > 0:
+            raise ValueError(f"field_scale={self.field_scale} must be > 0 (1: the field spans the tanh range)")
         if self.n_bumps < 1 or self.field_coarse_factor < 1:
             raise ValueError(
                 f"n_bumps={self.n_bumps} and field_coarse_factor={self.field_coarse_factor} must be >= 1"
@@ -372,7 +385,7 @@ class PatchSampler:
             logger.debug("patch anchored on a vertex of tile %d after %d draws", k, cfg.max_tries)
 
         field = self._draw_field(centre, rng)
-        pad = crop / 2.0 + 2.0 * cfg.max_displacement + cfg.edge_width
+        pad = crop / 2.0 + 2.0 * cfg.field_max + cfg.edge_width
         candidates = np.sort(tile.tree.query(shapely.box(*(centre - pad), *(centre + pad))))
         chosen = tile.labels[candidates]
 
@@ -439,12 +452,12 @@ class PatchSampler:
         corner = centre - crop / 2.0
         if cfg.field_extent is None:
             grid = random_displacement_field(
-                (crop, crop), cfg.max_displacement, cfg.n_bumps, rng, coarse_factor=cfg.field_coarse_factor
+                (crop, crop), cfg.field_max, cfg.n_bumps, rng, coarse_factor=cfg.field_coarse_factor
             )
             return _Field(grid, corner, 1.0)
         grid = random_displacement_field(
             (FIELD_GRID, FIELD_GRID),
-            cfg.max_displacement,
+            cfg.field_max,
             cfg.n_bumps,
             rng,
             coarse_factor=cfg.field_coarse_factor,
