@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ import shapely
 import torch
 from conftest import max_weight_diff
 
+from cadalign.align import realign as align
 from cadalign.config import load_section
 from cadalign.geo.polygons import read_polygons, write_polygons
 from cadalign.model import AlignNet
@@ -170,3 +172,39 @@ def test_warm_start_needs_matching_networks(warm: dict[str, Path]) -> None:
     (warm["init"] / "ds2.pt").unlink()
     with pytest.raises(FileNotFoundError, match=r"ds2.pt is missing.*train.warm_start: false"):
         run_train(warm, init=warm["init"])
+
+
+def test_cascade_trains_finer_networks_on_the_coarser_realignment(
+    study: dict[str, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    text = study["params"].read_text().replace("  patches: {keep_prob: 1.0}\n", "  patches: {keep_prob: 1.0}\n  cascade: true\n")
+    study["params"].write_text(text)
+    with caplog.at_level(logging.INFO):
+        run_train(study)
+    logged = re.search(r"cascade: ds=2 moved the training labels ([\d.]+) px", caplog.text)
+    assert logged is not None and "cascade: ds=1" not in caplog.text  # the finest network realigns nothing
+    # independently: the written ds2 network realigns the round-0 labels by that much
+    window = load_section(study["params"], "realign", realign.RealignStageConfig).window
+    net = load_model(study["models"] / "ds2.pt")
+    tiles = train.training_tiles(study["cities"], study["round0"], ["tinytown"])
+    shifts = np.concatenate(
+        [
+            np.linalg.norm(
+                shapely.get_coordinates(align({2: net}, t.image, t.labels, "cpu", window))
+                - shapely.get_coordinates(t.labels),
+                axis=1,
+            )
+            for t in tiles
+        ]
+    )
+    assert shifts.mean() > 0.01
+    assert float(logged.group(1)) == pytest.approx(shifts.mean(), abs=0.006)
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        run_train(study)  # both finished checkpoints are reused
+    assert caplog.text.count("resuming from") == 2
+    caplog.clear()
+    study["params"].write_text(text.replace("progress: false}", "progress: false, symmetries: 2}"))
+    with caplog.at_level(logging.WARNING):
+        run_train(study)  # other realignment settings: only the finer network starts afresh
+    assert caplog.text.count("was made for other labels or settings") == 1 and "ds1.ckpt" in caplog.text

@@ -228,6 +228,8 @@ def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         out / f"ckpt_rank{rank}.pt", out / f"model_rank{rank}.pt",
         on_log=lambda step, terms: seen.append(step),
     )
+    model = stats.pop("model")
+    torch.save(model.state_dict(), out / f"returned_rank{rank}.pt")
     (out / f"stats_rank{rank}.json").write_text(json.dumps({**stats, "logged": seen}))
     # A second network in the same process (the train stage trains one per factor).
     train(MODEL, LossConfig(), replace(FAST, steps=1), TinyPatches(), out / f"second_ckpt_rank{rank}.pt",
@@ -249,3 +251,8 @@ def test_ddp_two_cpu_ranks_with_gloo(tmp_path: Path) -> None:
     ckpt = torch.load(tmp_path / "ckpt_rank0.pt", weights_only=True)
     assert ckpt["step"] == 4
     assert list(ckpt["model"]) == list(AlignNet(MODEL).state_dict())  # DDP's module. prefix removed
+    # every rank returns the same trained network, the one rank 0 wrote
+    returned = [torch.load(tmp_path / f"returned_rank{r}.pt", weights_only=True) for r in (0, 1)]
+    written = torch.load(tmp_path / "model_rank0.pt", weights_only=True)["model"]
+    for name, value in written.items():
+        assert torch.equal(returned[0][name], value) and torch.equal(returned[1][name], value)

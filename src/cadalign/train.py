@@ -360,7 +360,8 @@ def train(
 
     Returns:
         Final statistics: ``steps``, ``start_step``, ``loss`` (terms of the last step),
-        ``patches_per_s`` (mean over the run), ``device``, ``world_size``.
+        ``patches_per_s`` (mean over the run), ``device``, ``world_size``, and ``model`` (the
+        trained network, unwrapped, on ``device``; the same on every rank).
 
     Raises:
         FloatingPointError: on a non-finite loss; the last good checkpoint stays, and no
@@ -494,4 +495,5 @@ def train(
         "patches_per_s": ran * patches_per_step / elapsed if ran > 0 else 0.0,
         "device": str(rt.device),
         "world_size": rt.world_size,
+        "model": raw_model,
     }

@@ -30,14 +30,18 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+import shapely
 import torch
 
+from cadalign.align import AlignConfig, realign
 from cadalign.atomic import atomic_path, write_text
 from cadalign.config import load_cities, load_section
 from cadalign.geo.labels import label_files, load_labelled_tiles
 from cadalign.model import AlignNet, LossConfig, ModelConfig
 from cadalign.patches import PatchConfig, PatchDataset, TileData
 from cadalign.stages.common import make_parser, setup_logging
+from cadalign.stages.realign import RealignStageConfig
 from cadalign.tracking import is_rank_zero, stage_run
 from cadalign.train import TrainConfig, load_model, resume_step, train
 
@@ -67,6 +71,12 @@ class TrainStageConfig:
     # initialisation of the initialize stage) instead of afresh as the reference did: round
     # k then fine-tunes on the better labels, which lets a short CPU run keep learning.
     warm_start: bool = False
+    # Train each finer network on the labels as the round's coarser networks (just trained)
+    # realign them, with the ``realign.window`` settings: the residual misalignment it will
+    # meet in the chain at realignment, instead of the whole label noise (against which a
+    # fine network's small training field teaches it to move almost nothing). The reference
+    # trained every factor on the same labels.
+    cascade: bool = False
 
     def validate(self) -> None:
         default = PatchConfig()
@@ -106,16 +116,45 @@ def network_seed(cfg: TrainStageConfig, round_index: int, ds: int) -> int:
     return cfg.optim.seed + 1000 * round_index + ds
 
 
-def fingerprint(cfg: TrainStageConfig, labels_dir: Path, cities: list[str], ds: int, init: Path | None) -> str:
-    """Hash of the settings, the label files and the initial network a network is trained from."""
+def fingerprint(
+    cfg: TrainStageConfig,
+    labels_dir: Path,
+    cities: list[str],
+    ds: int,
+    init: Path | None,
+    coarser: tuple[AlignConfig, list[torch.nn.Module]] | None = None,
+) -> str:
+    """Hash of the settings, the label files and the initial network a network is trained from.
+
+    ``coarser``: with ``train.cascade``, the window settings and the networks that realigned
+    the labels before this one trains on them.
+    """
     h = hashlib.sha256(json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str).encode())
     h.update(str(ds).encode())
+    if coarser is not None:
+        window, nets = coarser
+        h.update(json.dumps(dataclasses.asdict(window), sort_keys=True).encode())
+        for net in nets:
+            for tensor in net.state_dict().values():
+                h.update(tensor.detach().float().cpu().numpy().tobytes())
     for path in label_files(labels_dir, cities):
         h.update(path.relative_to(labels_dir).as_posix().encode())
         h.update(hashlib.sha256(path.read_bytes()).digest())
     if init is not None:
         h.update(hashlib.sha256(init.read_bytes()).digest())
     return h.hexdigest()
+
+
+def cascade_labels(
+    data: list[TileData], net: torch.nn.Module, ds: int, window: AlignConfig, device: str
+) -> list[TileData]:
+    """The tiles with their labels realigned by the network of factor ``ds`` (``train.cascade``)."""
+    moved = [dataclasses.replace(t, labels=realign({ds: net}, t.image, t.labels, device, window)) for t in data]
+    shift = np.concatenate(
+        [np.linalg.norm(shapely.get_coordinates(m.labels) - shapely.get_coordinates(t.labels), axis=1) for m, t in zip(moved, data)]
+    )
+    logger.info("cascade: ds=%d moved the training labels %.2f px on average", ds, shift.mean())
+    return moved
 
 
 def initial_network(init_dir: Path, ds: int, cfg: TrainStageConfig) -> Path:
@@ -167,6 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = load_section(args.params, "train", TrainStageConfig)
     if cfg.warm_start and args.init is None:
         raise ValueError(f"{args.params}: train.warm_start is true; pass --init <the previous round's networks>")
+    window = load_section(args.params, "realign", RealignStageConfig).window if cfg.cascade else None
     cities = sorted(load_cities(args.params))
     data = training_tiles(args.cities_dir, args.labels, cities)
     logger.info("%s: %d tiles, %d buildings", args.round, len(data), sum(len(t.labels) for t in data))
@@ -178,12 +218,14 @@ def main(argv: list[str] | None = None) -> None:
         out_dir = atomic_path(args.out) if is_rank_zero() else contextlib.nullcontext(Path(tempfile.mkdtemp()))
         with out_dir as out_tmp:
             out_tmp.mkdir(exist_ok=True)
+            trained: list[torch.nn.Module] = []  # this round's networks so far, coarse to fine
             for i, ds in enumerate(sorted(cfg.factors, reverse=True)):
                 seed = network_seed(cfg, round_index, ds)
                 pcfg = patch_config(cfg, ds, seed)
                 optim = dataclasses.replace(cfg.optim, seed=seed)
                 init = initial_network(args.init, ds, cfg) if cfg.warm_start else None
-                ckpt = _checkpoint_for(args.checkpoints, ds, fingerprint(cfg, args.labels, cities, ds, init))
+                coarser = (window, trained) if window is not None and trained else None
+                ckpt = _checkpoint_for(args.checkpoints, ds, fingerprint(cfg, args.labels, cities, ds, init, coarser))
                 # Each rank draws its own patches; a resumed run continues with fresh ones.
                 dataset = PatchDataset(data, pcfg, rank=int(os.environ.get("RANK", "0")), stream=resume_step(ckpt))
                 offset = i * optim.steps  # MLflow step axis: networks one after the other
@@ -199,6 +241,9 @@ def main(argv: list[str] | None = None) -> None:
                 result = train(cfg.model, cfg.loss, optim, dataset, ckpt, out_tmp / f"ds{ds}.pt", on_log=on_log, init=start)
                 if result["steps"] > result["start_step"]:  # not already finished in a checkpoint
                     run.log_metrics({f"ds{ds}.final_loss": result["loss"]["loss"]}, step=offset + result["steps"])
+                trained.append(result["model"])
+                if window is not None and i + 1 < len(cfg.factors):
+                    data = cascade_labels(data, result["model"], ds, window, result["device"])
         if is_rank_zero():
             write_text(args.log, "\n".join(rows) + "\n")
             run.log_artifact(args.log)
