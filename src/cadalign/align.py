@@ -27,10 +27,11 @@ from typing import Literal
 import numpy as np
 import shapely
 import torch
+from scipy import ndimage
 from torch import nn
 from tqdm import tqdm
 
-from cadalign.geo.rasterize import rasterize_polygons
+from cadalign.geo.rasterize import EDGE, rasterize_polygons
 from cadalign.noise import sample_field
 from cadalign.patches import downsample_image, scale_geoms
 
@@ -56,6 +57,10 @@ class AlignConfig:
     # flips) or 8 (+ the transposes: all rotations and flips of the square). Costs that many
     # passes; averaging cancels the part of the output that does not follow the image.
     symmetries: int = 1
+    # Gaussian sigma (full-resolution px) of a normalised convolution of each network's field,
+    # weighted by the edge band of the current polygons (where the networks are trained to
+    # answer): the misalignment is smooth, the networks' per-pixel error is not. 0: off.
+    smooth_px: float = 0.0
 
     def validate(self) -> None:
         """Check value ranges.
@@ -73,6 +78,8 @@ class AlignConfig:
             raise ValueError(f"edge_width={self.edge_width} must be > 0")
         if self.symmetries not in (1, 2, 4, 8):
             raise ValueError(f"symmetries={self.symmetries} must be 1, 2, 4 or 8")
+        if not self.smooth_px >= 0:
+            raise ValueError(f"smooth_px={self.smooth_px} must be >= 0 px (0: no smoothing)")
 
     @property
     def stride(self) -> int:
@@ -281,6 +288,34 @@ def predict_field(
     return total / cfg.symmetries
 
 
+def smooth_field(field: np.ndarray, geoms_px: np.ndarray, sigma: float, edge_width: float = 3.0) -> np.ndarray:
+    """Normalised convolution of a field, weighted by the edge band of the polygons.
+
+    ``G(w f) / G(w)`` per component, with ``G`` a Gaussian of ``sigma`` px and ``w`` the
+    polygons' edge raster: a weighted local mean of the field where the polygons' edges are,
+    which a constant field passes unchanged. Pixels with no edge within reach of ``G`` keep
+    their value.
+
+    Args:
+        field: (2, H, W) displacement field.
+        geoms_px: the polygons the field was predicted for, pixel coordinates of ``field``.
+        sigma: Gaussian sigma in px; 0 returns ``field``.
+        edge_width: width of the edge band, px.
+
+    Returns:
+        float32 (2, H, W) smoothed field.
+    """
+    if sigma <= 0:
+        return field
+    weight = rasterize_polygons(geoms_px, field.shape[1:], edge_width=edge_width)[EDGE].astype(np.float32)
+    norm = ndimage.gaussian_filter(weight, sigma, mode="constant")
+    reached = norm > 1e-6
+    out = field.astype(np.float32, copy=True)
+    for c in range(2):
+        out[c][reached] = ndimage.gaussian_filter(weight * field[c], sigma, mode="constant")[reached] / norm[reached]
+    return out
+
+
 def _predict_windows(
     model: nn.Module, image: np.ndarray, geoms: np.ndarray, device: torch.device | str, cfg: AlignConfig
 ) -> np.ndarray:
@@ -346,7 +381,8 @@ def realign(
     (area averaging), scale the current polygons to it, predict the field, and move every
     vertex by the field sampled bilinearly at the vertex, scaled back to full resolution
     (``ds x D(v)`` when ``ds`` divides the image size). A vertex outside the image takes the
-    field of the nearest border pixel.
+    field of the nearest border pixel. With ``cfg.smooth_px`` the field is first smoothed
+    (:func:`smooth_field`, sigma ``smooth_px / ds`` at the network's resolution).
 
     Args:
         models: network per downsampling factor, e.g. ``{8: net8, 4: net4, 2: net2, 1: net1}``.
@@ -374,7 +410,9 @@ def realign(
         return geoms
     for ds in sorted(models, reverse=True):
         small, (sx, sy) = downsample_image(image, int(ds))
-        field = predict_field(models[ds], small, scale_geoms(geoms, sx, sy), device, cfg)
+        scaled = scale_geoms(geoms, sx, sy)
+        field = predict_field(models[ds], small, scaled, device, cfg)
+        field = smooth_field(field, scaled, cfg.smooth_px * sx, cfg.edge_width)
         scale = np.array([sx, sy])
         before = shapely.get_coordinates(geoms)
         geoms = shapely.transform(geoms, lambda xy, f=field, s=scale: xy + sample_field(f, xy * s) / s)
