@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import numpy as np
@@ -10,7 +11,15 @@ import shapely
 import torch
 from torch import nn
 
-from cadalign.align import AlignConfig, blend_windows, predict_field, realign, window_origins, window_weights
+from cadalign.align import (
+    AlignConfig,
+    blend_windows,
+    predict_field,
+    realign,
+    smooth_field,
+    window_origins,
+    window_weights,
+)
 from cadalign.config import ConfigError, from_dict
 from cadalign.geo.rasterize import rasterize_polygons
 
@@ -264,6 +273,45 @@ def test_realign_constant_field_moves_every_vertex_by_ds_c_dispmax() -> None:
     assert list(shapely.get_num_coordinates(out)) == list(shapely.get_num_coordinates(geoms))
 
 
+def test_smooth_field_is_a_normalised_convolution_on_the_edges() -> None:
+    """Against a direct weighted sum at a few pixels; a constant passes; noise is damped."""
+    geoms = _geoms()
+    rng = np.random.default_rng(3)
+    field = rng.normal(size=(2, 48, 64)).astype(np.float32)
+    sigma = 2.0
+    out = smooth_field(field, geoms, sigma)
+    edge = rasterize_polygons(geoms, (48, 64))[1].astype(np.float64)
+    radius = int(4 * sigma + 0.5)  # scipy's truncate=4
+    for r, c in [(10, 20), (29, 39), (5, 50), (35, 8)]:
+        rows = np.arange(max(0, r - radius), min(48, r + radius + 1))
+        cols = np.arange(max(0, c - radius), min(64, c + radius + 1))
+        g = np.exp(-((rows[:, None] - r) ** 2 + (cols[None, :] - c) ** 2) / (2 * sigma**2))
+        w = edge[np.ix_(rows, cols)] * g
+        expected = [(w * field[k][np.ix_(rows, cols)]).sum() / w.sum() for k in range(2)]
+        np.testing.assert_allclose(out[:, r, c], expected, rtol=1e-4, atol=1e-5)
+    on_edges = edge > 0
+    assert out[:, on_edges].std() < 0.5 * field[:, on_edges].std()
+    # far from every edge (beyond 4 sigma) the field is kept as it was
+    np.testing.assert_array_equal(out[:, 47, 63], field[:, 47, 63])
+    constant = np.broadcast_to(np.array([1.5, -0.25], np.float32)[:, None, None], field.shape)
+    np.testing.assert_allclose(smooth_field(constant, geoms, sigma), constant, atol=1e-5)
+    assert smooth_field(field, geoms, 0.0) is field
+
+
+def test_realign_with_smoothing_keeps_a_constant_move_and_damps_a_noisy_one() -> None:
+    image, geoms = _image(64, 96), _geoms()
+    smooth = dataclasses.replace(CFG, smooth_px=4.0)
+    out = realign({2: ConstantModel(6, (0.25, -0.5))}, image, geoms, "cpu", smooth)
+    expected = shapely.get_coordinates(geoms) + np.array([0.25, -0.5]) * DISP_MAX * 2
+    np.testing.assert_allclose(shapely.get_coordinates(out), expected, atol=1e-4)
+    # a model answering with the (random) image: each vertex moves by noise, less when smoothed
+    moves = [
+        shapely.get_coordinates(realign({1: CropModel(6)}, image, geoms, "cpu", cfg)) - shapely.get_coordinates(geoms)
+        for cfg in (CFG, smooth)
+    ]
+    assert moves[1].std() < 0.5 * moves[0].std()
+
+
 def test_realign_levels_run_coarse_to_fine_on_moved_polygons() -> None:
     """The polys seen by the finer level are the ones the coarser level already moved."""
     image = _image(64, 64)
@@ -304,3 +352,5 @@ def test_config_validation() -> None:
     assert from_dict(AlignConfig, {"output_size": 60}, "params.yaml: align").stride == 30
     with pytest.raises(ValueError, match="symmetries=3 must be 1, 2, 4 or 8"):
         AlignConfig(symmetries=3).validate()
+    with pytest.raises(ValueError, match="smooth_px=-1.0 must be >= 0"):
+        AlignConfig(smooth_px=-1.0).validate()
