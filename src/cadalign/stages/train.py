@@ -10,6 +10,8 @@ checkpoints in ``--checkpoints`` (a DVC ``persist`` output): a killed run resume
 stopped when the stage is rerun. A checkpoint made for other inputs or settings is discarded.
 With ``train.warm_start`` each network starts from ``--init/ds<f>.pt`` (the previous round's
 network; round 1: the initialize stage's) instead of a fresh initialisation.
+With ``train.cascade`` each finer network trains on the labels as the round's coarser
+networks realign them (``realign.window`` settings), the residual it meets in the chain.
 
 Usage (DDP: ``torchrun --nproc_per_node N -m cadalign.stages.train ...``)::
 
