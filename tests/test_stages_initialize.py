@@ -37,3 +37,11 @@ def test_initialize_writes_the_seeded_networks(tmp_path: Path) -> None:
     assert max_weight_diff(load_model(out / "ds2.pt"), load_model(out / "ds4.pt")) > 0.0
     initialize.main(["--params", str(params), "--out", str(out)])  # a rerun replaces the folder
     assert sorted(p.name for p in out.iterdir()) == ["ds2.pt", "ds4.pt"]
+
+
+def test_initialize_with_grow_writes_the_coarsest_only(tmp_path: Path) -> None:
+    params = tmp_path / "params.yaml"
+    params.write_text(PARAMS + "  grow: true\n")
+    out = tmp_path / "round0"
+    initialize.main(["--params", str(params), "--out", str(out)])
+    assert sorted(p.name for p in out.iterdir()) == ["ds4.pt"]

@@ -174,6 +174,45 @@ def test_warm_start_needs_matching_networks(warm: dict[str, Path]) -> None:
         run_train(warm, init=warm["init"])
 
 
+@pytest.mark.parametrize("warm_start", [True, False])
+def test_grow_starts_finer_networks_from_the_coarser_one(
+    warm: dict[str, Path], warm_start: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    text = warm["params"].read_text().replace("  warm_start: true\n", f"  warm_start: {str(warm_start).lower()}\n  grow: true\n")
+    warm["params"].write_text(text)
+    initialize.main(["--params", str(warm["params"]), "--out", str(warm["init"])])  # now ds2.pt only
+    with caplog.at_level(logging.INFO):
+        run_train(warm, init=warm["init"])
+    assert "ds=1 starts from the ds=2 network just trained (train.grow)" in caplog.text
+    ds2, ds1 = load_model(warm["models"] / "ds2.pt"), load_model(warm["models"] / "ds1.pt")
+    # at lr 1e-12 the ds-1 network keeps the weights of the ds-2 network it starts from
+    assert max_weight_diff(ds1, ds2) < 1e-9
+    if warm_start:
+        assert max_weight_diff(ds2, load_model(warm["init"] / "ds2.pt")) < 1e-9
+    else:
+        cfg = load_section(warm["params"], "train", train.TrainStageConfig)
+        torch.manual_seed(train.network_seed(cfg, 1, 2))
+        assert max_weight_diff(ds2, AlignNet(cfg.model)) < 1e-9
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        run_train(warm, init=warm["init"])  # a rerun resumes both finished checkpoints
+    assert caplog.text.count("resuming from") == 2 and "was made for other labels" not in caplog.text
+    # the ds-1 checkpoint belongs to the network it grew from: another start gives another stamp
+    cfg = load_section(warm["params"], "train", train.TrainStageConfig)
+    stamps = {
+        train.fingerprint(cfg, warm["round0"], ["tinytown"], 1, None, grown_from=net) for net in (ds2, AlignNet(cfg.model))
+    }
+    assert len(stamps | {train.fingerprint(cfg, warm["round0"], ["tinytown"], 1, None)}) == 3
+
+
+def test_grow_needs_the_coarsest_network(warm: dict[str, Path]) -> None:
+    warm["params"].write_text(warm["params"].read_text().replace("  warm_start: true\n", "  warm_start: true\n  grow: true\n"))
+    (warm["init"] / "ds2.pt").unlink()
+    (warm["init"] / "ds1.pt").unlink()
+    with pytest.raises(FileNotFoundError, match=r"ds2.pt is missing"):
+        run_train(warm, init=warm["init"])
+
+
 def test_cascade_trains_finer_networks_on_the_coarser_realignment(
     study: dict[str, Path], caplog: pytest.LogCaptureFixture
 ) -> None:

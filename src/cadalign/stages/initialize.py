@@ -3,7 +3,8 @@
 With ``train.warm_start`` each round's networks start from the previous round's; this stage
 gives round 1 its starting point the same way, so every train stage reads ``--init``. The
 weights are the seeded random initialisation (seed ``train.optim.seed + ds``, as a network
-of round 0 would get), written as ``--out/ds<f>.pt`` for each of ``train.factors``.
+of round 0 would get), written as ``--out/ds<f>.pt`` for each of ``train.factors`` (with
+``train.grow`` for the coarsest only: round 1's finer networks start from the coarser ones).
 
 Usage::
 
@@ -35,10 +36,10 @@ def main(argv: list[str] | None = None) -> None:
     cfg = load_section(args.params, "train", TrainStageConfig)
     with atomic_path(args.out) as tmp:
         tmp.mkdir()
-        for ds in cfg.factors:
+        for ds in [max(cfg.factors)] if cfg.grow else cfg.factors:
             torch.manual_seed(network_seed(cfg, 0, ds))
             save_model(AlignNet(cfg.model), tmp / f"ds{ds}.pt")
-    logger.info("initial networks for factors %s in %s", list(cfg.factors), args.out)
+            logger.info("initial network ds=%d in %s", ds, args.out)
 
 
 if __name__ == "__main__":

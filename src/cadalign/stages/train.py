@@ -12,6 +12,8 @@ With ``train.warm_start`` each network starts from ``--init/ds<f>.pt`` (the prev
 network; round 1: the initialize stage's) instead of a fresh initialisation.
 With ``train.cascade`` each finer network trains on the labels as the round's coarser
 networks realign them (``realign.window`` settings), the residual it meets in the chain.
+With ``train.grow`` a finer network that has no network of its factor to start from starts
+from the next coarser network the round just trained.
 
 Usage (DDP: ``torchrun --nproc_per_node N -m cadalign.stages.train ...``)::
 
@@ -79,6 +81,11 @@ class TrainStageConfig:
     # fine network's small training field teaches it to move almost nothing). The reference
     # trained every factor on the same labels.
     cascade: bool = False
+    # A finer network with no network of its own factor to start from (train.warm_start
+    # false, or --init lacks it: with grow the initialize stage writes only the coarsest)
+    # starts from the next coarser network the round just trained. A ds-1 network does not
+    # learn from scratch in a short CPU run; started from the ds-2 network it does.
+    grow: bool = False
 
     def validate(self) -> None:
         default = PatchConfig()
@@ -125,20 +132,29 @@ def fingerprint(
     ds: int,
     init: Path | None,
     coarser: tuple[AlignConfig, list[torch.nn.Module]] | None = None,
+    grown_from: torch.nn.Module | None = None,
 ) -> str:
     """Hash of the settings, the label files and the initial network a network is trained from.
 
     ``coarser``: with ``train.cascade``, the window settings and the networks that realigned
-    the labels before this one trains on them.
+    the labels before this one trains on them. ``grown_from``: with ``train.grow``, the
+    coarser network this one starts from.
     """
+
+    def add_weights(net: torch.nn.Module) -> None:
+        for tensor in net.state_dict().values():
+            h.update(tensor.detach().float().cpu().numpy().tobytes())
+
     h = hashlib.sha256(json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str).encode())
     h.update(str(ds).encode())
     if coarser is not None:
         window, nets = coarser
         h.update(json.dumps(dataclasses.asdict(window), sort_keys=True).encode())
         for net in nets:
-            for tensor in net.state_dict().values():
-                h.update(tensor.detach().float().cpu().numpy().tobytes())
+            add_weights(net)
+    if grown_from is not None:
+        h.update(b"grown")
+        add_weights(grown_from)
     for path in label_files(labels_dir, cities):
         h.update(path.relative_to(labels_dir).as_posix().encode())
         h.update(hashlib.sha256(path.read_bytes()).digest())
@@ -170,7 +186,8 @@ def initial_network(init_dir: Path, ds: int, cfg: TrainStageConfig) -> Path:
     if not path.is_file():
         raise FileNotFoundError(
             f"train.warm_start is true but {path} is missing: run the stage that writes {init_dir} "
-            "(dvc repro), or set train.warm_start: false"
+            "(dvc repro), or set train.warm_start: false (train.grow: true starts a finer network "
+            "without one from the coarser network the round just trained)"
         )
     if load_model(path).cfg != cfg.model:
         raise ValueError(
@@ -221,13 +238,17 @@ def main(argv: list[str] | None = None) -> None:
         with out_dir as out_tmp:
             out_tmp.mkdir(exist_ok=True)
             trained: list[torch.nn.Module] = []  # this round's networks so far, coarse to fine
+            trained_ds: list[int] = []
             for i, ds in enumerate(sorted(cfg.factors, reverse=True)):
                 seed = network_seed(cfg, round_index, ds)
                 pcfg = patch_config(cfg, ds, seed)
                 optim = dataclasses.replace(cfg.optim, seed=seed)
-                init = initial_network(args.init, ds, cfg) if cfg.warm_start else None
+                own = cfg.warm_start and not (cfg.grow and trained and not (args.init / f"ds{ds}.pt").is_file())
+                init = initial_network(args.init, ds, cfg) if own else None
+                grown_from = trained[-1] if cfg.grow and trained and init is None else None
                 coarser = (window, trained) if window is not None and trained else None
-                ckpt = _checkpoint_for(args.checkpoints, ds, fingerprint(cfg, args.labels, cities, ds, init, coarser))
+                stamp = fingerprint(cfg, args.labels, cities, ds, init, coarser, grown_from)
+                ckpt = _checkpoint_for(args.checkpoints, ds, stamp)
                 # Each rank draws its own patches; a resumed run continues with fresh ones.
                 dataset = PatchDataset(data, pcfg, rank=int(os.environ.get("RANK", "0")), stream=resume_step(ckpt))
                 offset = i * optim.steps  # MLflow step axis: networks one after the other
@@ -237,13 +258,16 @@ def main(argv: list[str] | None = None) -> None:
                     run.log_metrics({f"ds{ds}.{k}": v for k, v in stats.items()}, step=offset + step)
 
                 logger.info("training ds=%d: input %d px, output %d px", ds, pcfg.input_size, pcfg.output_size)
-                start = load_model(init) if init is not None else None
-                if start is not None:
+                start = load_model(init) if init is not None else grown_from
+                if init is not None:
                     logger.info("ds=%d starts from %s", ds, init)
+                elif grown_from is not None:
+                    logger.info("ds=%d starts from the ds=%d network just trained (train.grow)", ds, trained_ds[-1])
                 result = train(cfg.model, cfg.loss, optim, dataset, ckpt, out_tmp / f"ds{ds}.pt", on_log=on_log, init=start)
                 if result["steps"] > result["start_step"]:  # not already finished in a checkpoint
                     run.log_metrics({f"ds{ds}.final_loss": result["loss"]["loss"]}, step=offset + result["steps"])
                 trained.append(result["model"])
+                trained_ds.append(ds)
                 if window is not None and i + 1 < len(cfg.factors):
                     data = cascade_labels(data, result["model"], ds, window, result["device"])
         if is_rank_zero():
