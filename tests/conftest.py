@@ -88,6 +88,8 @@ train:
   model: {image_widths: [4, 8], poly_widths: [2, 4], deep_supervision_levels: 1}
   optim: {steps: 3, batch_size: 2, checkpoint_every: 3, log_every: 1, num_workers: 0}
   patches: {keep_prob: 1.0}
+  warm_start: true
+  grow: true
 realign:
   device: auto
   window: {output_size: 16, batch_size: 8, progress: false}

@@ -29,6 +29,8 @@ def test_dvc_repro_whole_study(tmp_path, monkeypatch) -> None:
     for fig in ("accuracy.png", "overlay.png"):
         assert (proj / "data" / "figures" / fig).read_bytes()[:4] == b"\x89PNG"
     assert (proj / "data" / "models" / "round3" / "ds1.pt").is_file()
+    # train.grow: round 1 starts from the coarsest network only
+    assert [p.name for p in (proj / "data" / "models" / "round0").iterdir()] == ["ds2.pt"]
     compare = json.loads((proj / "data" / "similarity" / "compare" / "metrics.json").read_text())
     assert set(compare) == {"round1", "round2", "round3"}
     assert all(compare[r]["n_patches"] > 0 for r in compare)
