@@ -238,14 +238,15 @@ def main(argv: list[str] | None = None) -> None:
         with out_dir as out_tmp:
             out_tmp.mkdir(exist_ok=True)
             trained: list[torch.nn.Module] = []  # this round's networks so far, coarse to fine
-            trained_ds: list[int] = []
-            for i, ds in enumerate(sorted(cfg.factors, reverse=True)):
+            factors = sorted(cfg.factors, reverse=True)
+            for i, ds in enumerate(factors):
                 seed = network_seed(cfg, round_index, ds)
                 pcfg = patch_config(cfg, ds, seed)
                 optim = dataclasses.replace(cfg.optim, seed=seed)
-                own = cfg.warm_start and not (cfg.grow and trained and not (args.init / f"ds{ds}.pt").is_file())
-                init = initial_network(args.init, ds, cfg) if own else None
-                grown_from = trained[-1] if cfg.grow and trained and init is None else None
+                # train.grow: a finer network without its own start begins from the coarser one
+                grow = cfg.grow and bool(trained) and not (cfg.warm_start and (args.init / f"ds{ds}.pt").is_file())
+                init = initial_network(args.init, ds, cfg) if cfg.warm_start and not grow else None
+                grown_from = trained[-1] if grow else None
                 coarser = (window, trained) if window is not None and trained else None
                 stamp = fingerprint(cfg, args.labels, cities, ds, init, coarser, grown_from)
                 ckpt = _checkpoint_for(args.checkpoints, ds, stamp)
@@ -262,13 +263,12 @@ def main(argv: list[str] | None = None) -> None:
                 if init is not None:
                     logger.info("ds=%d starts from %s", ds, init)
                 elif grown_from is not None:
-                    logger.info("ds=%d starts from the ds=%d network just trained (train.grow)", ds, trained_ds[-1])
+                    logger.info("ds=%d starts from the ds=%d network just trained (train.grow)", ds, factors[i - 1])
                 result = train(cfg.model, cfg.loss, optim, dataset, ckpt, out_tmp / f"ds{ds}.pt", on_log=on_log, init=start)
                 if result["steps"] > result["start_step"]:  # not already finished in a checkpoint
                     run.log_metrics({f"ds{ds}.final_loss": result["loss"]["loss"]}, step=offset + result["steps"])
                 trained.append(result["model"])
-                trained_ds.append(ds)
-                if window is not None and i + 1 < len(cfg.factors):
+                if window is not None and i + 1 < len(factors):
                     data = cascade_labels(data, result["model"], ds, window, result["device"])
         if is_rank_zero():
             write_text(args.log, "\n".join(rows) + "\n")
