@@ -180,6 +180,7 @@ def test_grow_starts_finer_networks_from_the_coarser_one(
 ) -> None:
     text = warm["params"].read_text().replace("  warm_start: true\n", f"  warm_start: {str(warm_start).lower()}\n  grow: true\n")
     warm["params"].write_text(text)
+    cfg = load_section(warm["params"], "train", train.TrainStageConfig)
     initialize.main(["--params", str(warm["params"]), "--out", str(warm["init"])])  # now ds2.pt only
     with caplog.at_level(logging.INFO):
         run_train(warm, init=warm["init"])
@@ -190,7 +191,6 @@ def test_grow_starts_finer_networks_from_the_coarser_one(
     if warm_start:
         assert max_weight_diff(ds2, load_model(warm["init"] / "ds2.pt")) < 1e-9
     else:
-        cfg = load_section(warm["params"], "train", train.TrainStageConfig)
         torch.manual_seed(train.network_seed(cfg, 1, 2))
         assert max_weight_diff(ds2, AlignNet(cfg.model)) < 1e-9
     caplog.clear()
@@ -198,7 +198,6 @@ def test_grow_starts_finer_networks_from_the_coarser_one(
         run_train(warm, init=warm["init"])  # a rerun resumes both finished checkpoints
     assert caplog.text.count("resuming from") == 2 and "was made for other labels" not in caplog.text
     # the ds-1 checkpoint belongs to the network it grew from: another start gives another stamp
-    cfg = load_section(warm["params"], "train", train.TrainStageConfig)
     stamps = {
         train.fingerprint(cfg, warm["round0"], ["tinytown"], 1, None, grown_from=net) for net in (ds2, AlignNet(cfg.model))
     }
