@@ -3,7 +3,10 @@
 Times full training steps (forward, loss, backward, AdamW step) on random tensors, after
 warm-up (which also absorbs torch.compile's compilation), in one run:
 
-- ``eager-fp32``: the plain model, float32, NCHW;
+- ``eager-fp32``: the plain model, strict float32 (TF32 off), NCHW;
+- ``eager-tf32``: the same with TF32 tensor-core matmuls/convolutions (CUDA only; training
+  allows TF32 wherever it runs float32);
+- ``bf16-cl``: bfloat16 autocast + channels_last, eager (CUDA only);
 - ``optimized``: on CUDA bfloat16 autocast + channels_last + torch.compile (the path of
   :func:`cadalign.train.train`); on CPU torch.compile alone in float32 (bf16 autocast is
   skipped, as training runs float32 there, and channels_last is left out: it was slower
@@ -24,6 +27,7 @@ import argparse
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -38,8 +42,27 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+@dataclass(frozen=True)
+class Mode:
+    """One way of running the training step."""
+
+    name: str
+    tf32: bool  # TF32 tensor cores for float32 matmuls/convolutions (CUDA)
+    fast: bool  # bf16 autocast + channels_last (CUDA)
+    compile: bool  # torch.compile
+
+
+MODES = {
+    "eager-fp32": Mode("eager-fp32", tf32=False, fast=False, compile=False),
+    "eager-tf32": Mode("eager-tf32", tf32=True, fast=False, compile=False),
+    "bf16-cl": Mode("bf16-cl", tf32=True, fast=True, compile=False),
+    "optimized": Mode("optimized", tf32=True, fast=True, compile=True),
+}
+CUDA_ONLY = ("eager-tf32", "bf16-cl")
+
+
 def make_step(
-    model_cfg: ModelConfig, rt: Runtime, batch_size: int, input_size: int, optimized: bool, seed: int
+    model_cfg: ModelConfig, rt: Runtime, batch_size: int, input_size: int, mode: Mode, seed: int
 ) -> Callable[[], float]:
     """Build a model, an optimizer and a random batch; return a function doing one step.
 
@@ -48,7 +71,7 @@ def make_step(
         rt: device and precision (autocast used only when ``optimized``).
         batch_size: patches per step.
         input_size: patch side (a valid input size of the network).
-        optimized: torch.compile, plus channels_last and bf16 autocast on CUDA.
+        mode: precision, layout and compilation of the step.
         seed: seed of the weights and the random batch.
 
     Returns:
@@ -67,15 +90,18 @@ def make_step(
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     loss_cfg = LossConfig()
     net: torch.nn.Module = model
-    if optimized and rt.device.type == "cuda":
+    fast = mode.fast and rt.device.type == "cuda"
+    if fast:
         model.to(memory_format=torch.channels_last)
         image = image.contiguous(memory_format=torch.channels_last)
         polys = polys.contiguous(memory_format=torch.channels_last)
-    if optimized:
+    if mode.compile:
         net = torch.compile(model)
 
     def step() -> float:
-        with rt.autocast() if optimized else torch.autocast(rt.device.type, enabled=False):
+        torch.backends.cuda.matmul.allow_tf32 = mode.tf32
+        torch.backends.cudnn.allow_tf32 = mode.tf32
+        with rt.autocast() if fast else torch.autocast(rt.device.type, enabled=False):
             prediction = net(image, polys)
         loss, _ = alignment_loss(prediction, disp, seg, polys_out, 0, loss_cfg)
         optimizer.zero_grad(set_to_none=True)
@@ -112,6 +138,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps (include compilation)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per mode")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--modes", nargs="+", choices=list(MODES), default=list(MODES), help="modes to time (CUDA-only ones skip on CPU)"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
@@ -132,23 +161,23 @@ def main() -> None:
         f"({n_params / 1e6:.2f} M parameters); input {args.input_size} px -> output {out_size} px"
     )
     print(f"batch: {args.batch_size} patches; {args.warmup} warm-up + {args.steps} timed steps per mode")
-    if on_cuda:
-        print("note: TF32 matmuls/convolutions are allowed in both modes (as in training)")
-    else:
+    if not on_cuda:
         print("note: bf16 autocast skipped on CPU (training runs float32 there);")
         print("      optimized = torch.compile in float32, NCHW")
 
-    modes = [("eager-fp32", False), ("optimized", True)]
+    modes = [MODES[m] for m in args.modes if on_cuda or m not in CUDA_ONLY]
     results = {}
-    for mode, optimized in modes:
-        logger.info("timing %s", mode)
-        step = make_step(model_cfg, rt, args.batch_size, args.input_size, optimized, args.seed)
+    for mode in modes:
+        logger.info("timing %s", mode.name)
+        step = make_step(model_cfg, rt, args.batch_size, args.input_size, mode, args.seed)
         seconds = measure(step, rt.device, args.warmup, args.steps)
-        results[mode] = args.batch_size / seconds
+        results[mode.name] = args.batch_size / seconds
         suffix = " (bf16+channels_last+compile)" if on_cuda else " (fp32+compile)"
-        label = mode + (suffix if optimized else "")
-        print(f"{label:<40s} {seconds * 1e3:9.1f} ms/step {results[mode]:9.1f} patches/s")
-    print(f"speed-up optimized / eager-fp32: {results['optimized'] / results['eager-fp32']:.2f}x")
+        label = mode.name + (suffix if mode.name == "optimized" else "")
+        print(f"{label:<40s} {seconds * 1e3:9.1f} ms/step {results[mode.name]:9.1f} patches/s")
+    for name, rate in results.items():
+        if name != "eager-fp32" and "eager-fp32" in results:
+            print(f"speed-up {name} / eager-fp32: {rate / results['eager-fp32']:.2f}x")
 
 
 if __name__ == "__main__":
