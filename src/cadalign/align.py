@@ -19,10 +19,11 @@ vertex order and so ids are kept).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import shapely
@@ -258,7 +259,8 @@ def predict_field(
     With ``cfg.symmetries`` > 1, the mean of the fields predicted on that many dihedral
     transforms of the image and polygons, each mapped back (vectors included).
 
-    The model is moved to ``device`` and run in eval mode without gradients; its previous
+    The model is moved to ``device`` and run in eval mode without gradients (under bfloat16
+    autocast on CUDA, as in training); its previous
     train/eval mode is restored afterwards.
 
     Args:
@@ -316,6 +318,13 @@ def smooth_field(field: np.ndarray, geoms_px: np.ndarray, sigma: float, edge_wid
     return out
 
 
+def _autocast(device: torch.device | str) -> contextlib.AbstractContextManager[Any]:
+    """bfloat16 autocast on CUDA, where the networks were also trained in it; none elsewhere."""
+    if torch.device(device).type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def _predict_windows(
     model: nn.Module, image: np.ndarray, geoms: np.ndarray, device: torch.device | str, cfg: AlignConfig
 ) -> np.ndarray:
@@ -354,7 +363,8 @@ def _predict_windows(
                 polys_t = torch.from_numpy(np.stack([polys[:, rs, cs] for rs, cs in crops])).to(
                     device=device, dtype=torch.float32
                 )
-                disp = model(image_t, polys_t).disp[0].float().cpu().numpy() * disp_max
+                with _autocast(device):
+                    disp = model(image_t, polys_t).disp[0].float().cpu().numpy() * disp_max
                 if disp.shape != (len(batch), 2, size_out, size_out):
                     raise ValueError(
                         f"model returned disp[0] of shape {disp.shape} for {size_in} px inputs, expected "
