@@ -68,7 +68,7 @@ def make_step(
 
     Args:
         model_cfg: network settings.
-        rt: device and precision (autocast used only when ``optimized``).
+        rt: device and precision (autocast used only by the bf16 modes on CUDA).
         batch_size: patches per step.
         input_size: patch side (a valid input size of the network).
         mode: precision, layout and compilation of the step.
@@ -98,9 +98,10 @@ def make_step(
     if mode.compile:
         net = torch.compile(model)
 
+    torch.backends.cuda.matmul.allow_tf32 = mode.tf32  # global: set for the steps timed next
+    torch.backends.cudnn.allow_tf32 = mode.tf32
+
     def step() -> float:
-        torch.backends.cuda.matmul.allow_tf32 = mode.tf32
-        torch.backends.cudnn.allow_tf32 = mode.tf32
         with rt.autocast() if fast else torch.autocast(rt.device.type, enabled=False):
             prediction = net(image, polys)
         loss, _ = alignment_loss(prediction, disp, seg, polys_out, 0, loss_cfg)

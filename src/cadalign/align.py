@@ -351,7 +351,7 @@ def _predict_windows(
     model.to(device).eval()
     try:
         bar = tqdm(total=len(origins), desc="windows", unit="win", disable=not cfg.progress)
-        with torch.no_grad(), bar:
+        with torch.no_grad(), bar, _autocast(device):
             for start in range(0, len(origins), cfg.batch_size):
                 batch = origins[start : start + cfg.batch_size]
                 # the input window of output origin (r, c) starts at padded row r + top - margin
@@ -363,8 +363,7 @@ def _predict_windows(
                 polys_t = torch.from_numpy(np.stack([polys[:, rs, cs] for rs, cs in crops])).to(
                     device=device, dtype=torch.float32
                 )
-                with _autocast(device):
-                    disp = model(image_t, polys_t).disp[0].float().cpu().numpy() * disp_max
+                disp = model(image_t, polys_t).disp[0].float().cpu().numpy() * disp_max
                 if disp.shape != (len(batch), 2, size_out, size_out):
                     raise ValueError(
                         f"model returned disp[0] of shape {disp.shape} for {size_in} px inputs, expected "
