@@ -19,11 +19,10 @@ vertex order and so ids are kept).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import shapely
@@ -35,6 +34,7 @@ from tqdm import tqdm
 from cadalign.geo.rasterize import EDGE, rasterize_polygons
 from cadalign.noise import sample_field
 from cadalign.patches import downsample_image, scale_geoms
+from cadalign.precision import autocast, autocast_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +62,8 @@ class AlignConfig:
     # weighted by the edge band of the current polygons (where the networks are trained to
     # answer): the misalignment is smooth, the networks' per-pixel error is not. 0: off.
     smooth_px: float = 0.0
+    # bfloat16 autocast on CUDA, as the networks were trained (train.optim.amp); float32 on CPU
+    amp: bool = True
 
     def validate(self) -> None:
         """Check value ranges.
@@ -260,8 +262,8 @@ def predict_field(
     transforms of the image and polygons, each mapped back (vectors included).
 
     The model is moved to ``device`` and run in eval mode without gradients (under bfloat16
-    autocast on CUDA, as in training); its previous
-    train/eval mode is restored afterwards.
+    autocast on CUDA with ``cfg.amp``, as in training); its previous train/eval mode is
+    restored afterwards.
 
     Args:
         model: an AlignNet-like module: ``forward(image, polys).disp[0]`` (B, 2, O, O) in
@@ -318,13 +320,6 @@ def smooth_field(field: np.ndarray, geoms_px: np.ndarray, sigma: float, edge_wid
     return out
 
 
-def _autocast(device: torch.device | str) -> contextlib.AbstractContextManager[Any]:
-    """bfloat16 autocast on CUDA, where the networks were also trained in it; none elsewhere."""
-    if torch.device(device).type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def _predict_windows(
     model: nn.Module, image: np.ndarray, geoms: np.ndarray, device: torch.device | str, cfg: AlignConfig
 ) -> np.ndarray:
@@ -351,7 +346,7 @@ def _predict_windows(
     model.to(device).eval()
     try:
         bar = tqdm(total=len(origins), desc="windows", unit="win", disable=not cfg.progress)
-        with torch.no_grad(), bar, _autocast(device):
+        with torch.no_grad(), bar, autocast(device, autocast_dtype(device, cfg.amp)):
             for start in range(0, len(origins), cfg.batch_size):
                 batch = origins[start : start + cfg.batch_size]
                 # the input window of output origin (r, c) starts at padded row r + top - margin

@@ -37,6 +37,7 @@ from tqdm import tqdm
 from cadalign.atomic import atomic_path
 from cadalign.config import from_dict
 from cadalign.model import AlignNet, LossConfig, ModelConfig, alignment_loss
+from cadalign.precision import AmpDtype, autocast, autocast_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ class TrainConfig:
     channels_last: bool = True  # NHWC memory layout (CUDA only; faster convolutions)
     amp: bool = True  # mixed-precision autocast (CUDA only; CPU runs in float32)
     # Autocast dtype on CUDA; float16 adds a GradScaler (for GPUs without bfloat16).
-    amp_dtype: Literal["bfloat16", "float16"] = "bfloat16"
+    amp_dtype: AmpDtype = "bfloat16"
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     def validate(self) -> None:
@@ -114,9 +115,7 @@ class Runtime:
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         """Mixed-precision context for the forward pass (a no-op in float32)."""
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+        return autocast(self.device, self.autocast_dtype)
 
 
 def setup_runtime(cfg: TrainConfig) -> Runtime:
@@ -155,10 +154,7 @@ def setup_runtime(cfg: TrainConfig) -> Runtime:
     torch.manual_seed(seed)
     np.random.seed(seed)
     random.seed(seed)
-    dtype = None
-    if use_cuda and cfg.amp:
-        dtype = torch.bfloat16 if cfg.amp_dtype == "bfloat16" else torch.float16
-    return Runtime(device, rank, world_size, local_rank, distributed, dtype)
+    return Runtime(device, rank, world_size, local_rank, distributed, autocast_dtype(device, cfg.amp, cfg.amp_dtype))
 
 
 # ----------------------------------------------------------------------------- data
