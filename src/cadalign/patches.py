@@ -45,7 +45,7 @@ import shapely
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from cadalign.geo.rasterize import rasterize_polygons
+from cadalign.geo.rasterize import rasterize_polygons, rasterizing
 from cadalign.noise import random_displacement_field, sample_field
 
 logger = logging.getLogger(__name__)
@@ -522,6 +522,7 @@ class PatchDataset(IterableDataset):
         info = get_worker_info()
         worker = 0 if info is None else info.id
         index = 0
-        while True:
-            yield self.sample(index, worker)
-            index += 1
+        with rasterizing():
+            while True:
+                yield self.sample(index, worker)
+                index += 1

@@ -7,9 +7,12 @@ top-left pixel). Burning uses rasterio's pixel-centre rule: a pixel is filled wh
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from typing import Any
 
 import numpy as np
+import rasterio
 import shapely
 from affine import Affine
 from rasterio import features
@@ -20,18 +23,51 @@ FILL, EDGE, VERTEX = 0, 1, 2
 CHANNELS = ("fill", "edge", "vertex")
 
 
+def _geojson(shapes: np.ndarray) -> list[dict[str, Any]]:
+    """GeoJSON mappings of (Multi)Polygons, built from one ragged coordinate array.
+
+    The same shapes rasterio would read from each geometry's ``__geo_interface__``, at about
+    half the cost: the coordinates leave shapely in one call instead of one per ring.
+    """
+    kind, coords, offsets = shapely.to_ragged_array(shapes)
+    if kind not in (shapely.GeometryType.POLYGON, shapely.GeometryType.MULTIPOLYGON):
+        raise ValueError(f"only Polygons and MultiPolygons can be rasterized, got {kind.name}")
+    xy = coords.tolist()
+    rings, polygons = offsets[0].tolist(), offsets[1].tolist()
+
+    def polygon(p: int) -> list[list[list[float]]]:
+        return [xy[rings[r] : rings[r + 1]] for r in range(polygons[p], polygons[p + 1])]
+
+    if kind == shapely.GeometryType.POLYGON:
+        return [{"type": "Polygon", "coordinates": polygon(i)} for i in range(len(shapes))]
+    parts = offsets[2].tolist()
+    return [
+        {"type": "MultiPolygon", "coordinates": [polygon(p) for p in range(parts[i], parts[i + 1])]}
+        for i in range(len(shapes))
+    ]
+
+
 def _burn(shapes: np.ndarray, out_shape: tuple[int, int], all_touched: bool = False) -> np.ndarray:
     shapes = shapes[~shapely.is_empty(shapes)] if len(shapes) else shapes
     if len(shapes) == 0:
         return np.zeros(out_shape, dtype=np.uint8)
     return features.rasterize(
-        ((g, 1) for g in shapes),
+        ((g, 1) for g in _geojson(shapes)),
         out_shape=out_shape,
         transform=Affine.identity(),
         fill=0,
         dtype="uint8",
         all_touched=all_touched,
     )
+
+
+def rasterizing() -> contextlib.AbstractContextManager[Any]:
+    """One GDAL environment for many :func:`rasterize_polygons` calls (a patch loader's loop).
+
+    Without it rasterio opens and closes an environment on every call, about a sixth of the
+    time of sampling a training patch.
+    """
+    return rasterio.Env()
 
 
 def rasterize_polygons(
