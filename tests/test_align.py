@@ -334,6 +334,31 @@ def test_realign_levels_run_coarse_to_fine_on_moved_polygons() -> None:
     np.testing.assert_allclose(shapely.get_coordinates(out), shapely.get_coordinates(geoms) + (6.0, 0.0))
 
 
+def test_refine_repeats_the_finest_network_after_the_chain() -> None:
+    image = _image(64, 64)
+    geoms = np.array([shapely.box(20, 20, 36, 36)], dtype=object)
+    calls: list[int] = []
+
+    class Counter(ConstantModel):
+        def __init__(self, ds: int) -> None:
+            super().__init__(6, (0.5, 0.0))  # 2 px at the network's resolution
+            self.ds = ds
+
+        def forward(self, image: torch.Tensor, polys: torch.Tensor) -> _Out:
+            calls.append(self.ds)
+            return super().forward(image, polys)
+
+    realign({1: Counter(1)}, image, geoms, "cpu", CFG)
+    per_pass = len(calls)
+    calls.clear()
+    out = realign({2: Counter(2), 1: Counter(1)}, image, geoms, "cpu", CFG, refine=2)
+    # ds 2 moves 4 px, then ds 1 three times 2 px, each time from where the last pass left it
+    np.testing.assert_allclose(shapely.get_coordinates(out), shapely.get_coordinates(geoms) + (10.0, 0.0))
+    assert calls.count(1) == 3 * per_pass and calls[: calls.count(2)] == [2] * calls.count(2)
+    with pytest.raises(ValueError, match="refine=-1 must be >= 0"):
+        realign({1: Counter(1)}, image, geoms, "cpu", CFG, refine=-1)
+
+
 def test_realign_empty_and_errors() -> None:
     model = ConstantModel(6, (0.1, 0.1))
     out = realign({1: model}, _image(32, 32), np.array([], dtype=object), "cpu", CFG)

@@ -14,7 +14,7 @@ import torch
 from conftest import max_weight_diff
 
 from cadalign.align import realign as align
-from cadalign.config import load_section
+from cadalign.config import ConfigError, load_section
 from cadalign.geo.polygons import read_polygons, write_polygons
 from cadalign.model import AlignNet
 from cadalign.stages import evaluate as evaluate_stage
@@ -130,6 +130,26 @@ def test_empty_and_missing_labels(study: dict[str, Path]) -> None:
     study["round0"] = study["round0"].parent / "nothing"
     with pytest.raises(FileNotFoundError, match="no labels of city 'tinytown'"):
         run_train(study)
+
+
+def test_refine_passes_the_finest_network_again(study: dict[str, Path]) -> None:
+    run_train(study)
+    run_realign(study)
+    chain = train.training_tiles(study["cities"], study["round1"], ["tinytown"])  # pixel coordinates
+    study["params"].write_text(study["params"].read_text().replace("realign:\n", "realign:\n  refine: 1\n"))
+    study["round1"] = study["round1"].with_name("refined")
+    run_realign(study)
+    refined = train.training_tiles(study["cities"], study["round1"], ["tinytown"])
+    # independently: the ds-1 network once more on the chain's output
+    window = load_section(study["params"], "realign", realign.RealignStageConfig).window
+    net = load_model(study["models"] / "ds1.pt")
+    for t, r in zip(chain, refined, strict=True):
+        again = shapely.get_coordinates(align({1: net}, t.image, t.labels, "cpu", window))
+        np.testing.assert_allclose(shapely.get_coordinates(r.labels), again, atol=1e-3)
+        assert np.abs(again - shapely.get_coordinates(t.labels)).max() > 0
+    study["params"].write_text(study["params"].read_text().replace("refine: 1", "refine: -1"))
+    with pytest.raises(ConfigError, match=r"params.yaml: realign: refine=-1 must be >= 0"):
+        run_realign(study)
 
 
 def test_realign_without_models(study: dict[str, Path]) -> None:

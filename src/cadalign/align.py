@@ -378,6 +378,7 @@ def realign(
     geoms_px: np.ndarray,
     device: torch.device | str,
     cfg: AlignConfig,
+    refine: int = 0,
 ) -> np.ndarray:
     """Realign polygons with a chain of networks, coarse to fine.
 
@@ -386,7 +387,10 @@ def realign(
     vertex by the field sampled bilinearly at the vertex, scaled back to full resolution
     (``ds x D(v)`` when ``ds`` divides the image size). A vertex outside the image takes the
     field of the nearest border pixel. With ``cfg.smooth_px`` the field is first smoothed
-    (:func:`smooth_field`, sigma ``smooth_px / ds`` at the network's resolution).
+    (:func:`smooth_field`, sigma ``smooth_px / ds`` at the network's resolution). ``refine``
+    more passes of the finest network follow the chain, each on the polygons the last pass
+    moved: a network corrects part of the misalignment it meets, so a second look at the
+    smaller residual corrects more.
 
     Args:
         models: network per downsampling factor, e.g. ``{8: net8, 4: net4, 2: net2, 1: net1}``.
@@ -394,16 +398,19 @@ def realign(
         geoms_px: object array of shapely geometries in full-resolution pixel coordinates.
         device: where to run the models.
         cfg: window settings (shared by all levels).
+        refine: extra passes of the finest network after the chain (>= 0).
 
     Returns:
         Object array of the moved geometries, same order, structure and vertex count.
 
     Raises:
-        ValueError: if ``models`` is empty or a factor is not a positive integer, or for a
-            bad image (see :func:`predict_field`).
+        ValueError: if ``models`` is empty, a factor is not a positive integer or
+            ``refine`` is negative, or for a bad image (see :func:`predict_field`).
     """
     if not models:
         raise ValueError("models is empty; pass at least one {downsampling factor: network}")
+    if refine < 0:
+        raise ValueError(f"refine={refine} must be >= 0 (extra passes of the finest network)")
     for ds in models:
         if isinstance(ds, bool) or not isinstance(ds, (int, np.integer)) or ds < 1:
             raise ValueError(f"downsampling factor {ds!r} must be a positive integer")
@@ -412,7 +419,8 @@ def realign(
     if len(geoms) == 0:
         logger.info("no polygons to realign")
         return geoms
-    for ds in sorted(models, reverse=True):
+    chain = sorted(models, reverse=True)
+    for ds in chain + chain[-1:] * refine:
         small, (sx, sy) = downsample_image(image, int(ds))
         scaled = scale_geoms(geoms, sx, sy)
         field = predict_field(models[ds], small, scaled, device, cfg)

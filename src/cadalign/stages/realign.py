@@ -40,6 +40,16 @@ class RealignStageConfig:
 
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when present, else CPU
     window: AlignConfig = field(default_factory=AlignConfig)
+    refine: int = 0  # extra passes of the finest network after the coarse-to-fine chain
+
+    def validate(self) -> None:
+        """Check ranges.
+
+        Raises:
+            ValueError: naming the key.
+        """
+        if self.refine < 0:
+            raise ValueError(f"refine={self.refine} must be >= 0 (0: the chain alone)")
 
 
 def load_models(models_dir: Path, device: torch.device) -> dict[int, torch.nn.Module]:
@@ -76,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
         with atomic_path(args.out) as tmp:
             tmp.mkdir()
             for t in tiles:
-                moved = realign(models, t.tile.image, t.geoms, device, cfg.window) if len(t.geoms) else t.geoms
+                moved = realign(models, t.tile.image, t.geoms, device, cfg.window, cfg.refine) if len(t.geoms) else t.geoms
                 write_polygons(tmp / t.city / f"{t.name}.gpkg", *from_pixels(moved, t.ids, t.tile.info.transform, t.tile.info.crs))
                 logger.info("%s: %d buildings realigned", t.name, len(t.geoms))
         run.log_metrics({"seconds": time.perf_counter() - start, "tiles": len(tiles)})
