@@ -6,6 +6,8 @@ import json
 import logging
 import os
 import socket
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -256,3 +258,31 @@ def test_ddp_two_cpu_ranks_with_gloo(tmp_path: Path) -> None:
     written = torch.load(tmp_path / "model_rank0.pt", weights_only=True)["model"]
     for name, value in written.items():
         assert torch.equal(returned[0][name], value) and torch.equal(returned[1][name], value)
+
+
+WORKER_THREADS = """
+import cv2, numpy as np, torch
+from torch.utils.data import IterableDataset
+from cadalign.train import TrainConfig, _batches, setup_runtime
+
+class Threads(IterableDataset):
+    def __iter__(self):
+        image = np.zeros((1024, 1024, 3), np.uint8)
+        while True:
+            cv2.resize(image, (512, 512), interpolation=cv2.INTER_AREA)  # OpenCV at work in the worker
+            yield {"threads": torch.tensor(cv2.getNumThreads())}
+
+cv2.setNumThreads(2)
+cv2.resize(np.zeros((4096, 4096, 3), np.uint8), (999, 999), interpolation=cv2.INTER_AREA)  # the parent's pool runs
+cfg = TrainConfig(batch_size=2, num_workers=2, device="cpu")
+batches = _batches(Threads(), cfg, setup_runtime(cfg), 0)
+print(sorted({t for _ in range(4) for t in next(batches)["threads"].tolist()}), cv2.getNumThreads())
+"""
+
+
+def test_loader_workers_run_opencv_single_threaded() -> None:
+    # in a subprocess with a time limit: a fork-unsafe OpenCV setting would hang, not fail
+    done = subprocess.run([sys.executable, "-c", WORKER_THREADS], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    workers, parent = done.stdout.split("] ")
+    assert workers == "[1" and int(parent) == 2  # the workers single-threaded, the parent as it was

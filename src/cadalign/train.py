@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import cv2
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -195,7 +196,7 @@ def _batches(dataset: Dataset, cfg: TrainConfig, rt: Runtime, start_step: int) -
     if isinstance(dataset, IterableDataset):
         # The dataset shards itself by rank and worker; a resumed run restarts its stream.
         while True:
-            yield from DataLoader(dataset, **common)
+            yield from _start(DataLoader(dataset, **common))
     n = len(dataset)  # type: ignore[arg-type]
     if n < rt.world_size * cfg.batch_size:
         raise ValueError(
@@ -203,7 +204,25 @@ def _batches(dataset: Dataset, cfg: TrainConfig, rt: Runtime, start_step: int) -
             f"({rt.world_size} x train.batch_size={cfg.batch_size}); lower train.batch_size"
         )
     sampler = _ShardedStream(n, cfg.seed, rt.rank, rt.world_size, start_step * cfg.batch_size)
-    yield from DataLoader(dataset, sampler=sampler, **common)
+    yield from _start(DataLoader(dataset, sampler=sampler, **common))
+
+
+def _start(loader: DataLoader) -> Iterator[Any]:
+    """Start iterating ``loader``; its worker processes run OpenCV single-threaded.
+
+    Otherwise every worker runs OpenCV's own pool of one thread per core (the patches'
+    warps and resizes): with N workers, N x cores threads fight over the cores the workers
+    were meant to share. The setting is made here while the workers fork, and inherited:
+    changing OpenCV's pool inside a forked worker can deadlock it.
+    """
+    if loader.num_workers == 0:
+        return iter(loader)
+    before = cv2.getNumThreads()
+    cv2.setNumThreads(0)  # 0: no threading in OpenCV calls
+    try:
+        return iter(loader)  # the workers fork here
+    finally:
+        cv2.setNumThreads(before)
 
 
 # ----------------------------------------------------------------------------- checkpoints
