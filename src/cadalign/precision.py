@@ -1,8 +1,7 @@
 """Precision of the forward passes, decided in one place for training and realignment.
 
 Mixed precision (autocast) runs on CUDA only: bfloat16 by default, float16 for GPUs without
-bfloat16 (training adds a GradScaler then). On the CPU everything runs in float32, so the
-CPU study is bit-for-bit the same with or without a GPU build of torch.
+bfloat16 (training adds a GradScaler then). On the CPU everything runs in float32.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ def _geojson(shapes: np.ndarray) -> list[dict[str, Any]]:
     """GeoJSON mappings of (Multi)Polygons, built from one ragged coordinate array.
 
     The same shapes rasterio would read from each geometry's ``__geo_interface__``, at about
-    half the cost: the coordinates leave shapely in one call instead of one per ring.
+    a third of the cost: the coordinates leave shapely in one call instead of one per ring.
     """
     kind, coords, offsets = shapely.to_ragged_array(shapes)
     if kind not in (shapely.GeometryType.POLYGON, shapely.GeometryType.MULTIPOLYGON):
@@ -64,8 +64,8 @@ def _burn(shapes: np.ndarray, out_shape: tuple[int, int], all_touched: bool = Fa
 def rasterizing() -> contextlib.AbstractContextManager[Any]:
     """One GDAL environment for many :func:`rasterize_polygons` calls (a patch loader's loop).
 
-    Without it rasterio opens and closes an environment on every call, about a sixth of the
-    time of sampling a training patch.
+    Without it rasterio opens and closes an environment on every call: about an eighth of
+    the time of sampling a training patch (ds 4, 220 px input).
     """
     return rasterio.Env()
 
