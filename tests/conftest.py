@@ -12,6 +12,7 @@ import geopandas as gpd
 import numpy as np
 import pytest
 import shapely
+import shapely.affinity
 import torch
 from affine import Affine
 from rasterio import features
@@ -116,6 +117,19 @@ def make_dvc_project(root: Path, params: str) -> tuple[Path, Callable[..., str]]
 
     dvc("init", "--no-scm", "-q")
     return proj, dvc
+
+
+def seeded_buildings(rng: np.random.Generator, n: int = 40, size: int = 160) -> np.ndarray:
+    """Rotated boxes drawn from ``rng``, one building with a courtyard and one MultiPolygon."""
+    geoms = []
+    for _ in range(n):
+        x, y = rng.uniform(5, size - 25, size=2)
+        w, h = rng.uniform(5, 18, size=2)
+        geoms.append(shapely.affinity.rotate(shapely.box(x, y, x + w, y + h), rng.uniform(0, 90)))
+    courtyard = shapely.Polygon(shapely.box(60, 60, 90, 90).exterior, [shapely.box(70, 70, 80, 80).exterior])
+    geoms.append(courtyard)
+    geoms.append(shapely.MultiPolygon([shapely.box(100, 20, 110, 30), shapely.box(115, 20, 125, 30)]))
+    return np.array(geoms, dtype=object)
 
 
 def max_weight_diff(a: torch.nn.Module, b: torch.nn.Module) -> float:

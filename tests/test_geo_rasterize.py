@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import shapely
-import shapely.affinity
 from affine import Affine
+from conftest import seeded_buildings
 from rasterio import features
 
 from cadalign.geo.polygons import geometry_array
@@ -44,35 +44,18 @@ def test_empty_and_outside() -> None:
     assert rasterize_polygons(geometry_array([shapely.box(50, 50, 60, 60)]), (5, 5)).sum() == 0
 
 
-def _random_shapes(seed: int) -> np.ndarray:
-    """Polygons (some with a hole, some rotated) and MultiPolygons scattered over 64 x 64 px."""
-    rng = np.random.default_rng(seed)
-    shapes = []
-    for _ in range(12):
-        x, y = rng.uniform(-8, 60, 2)
-        w, h = rng.uniform(3, 16, 2)
-        poly = shapely.affinity.rotate(shapely.box(x, y, x + w, y + h), rng.uniform(0, 90))
-        kind = rng.integers(3)
-        if kind == 1:  # a courtyard
-            poly = poly.difference(shapely.affinity.scale(poly, 0.4, 0.4))
-        elif kind == 2:  # two parts
-            poly = shapely.MultiPolygon([poly, shapely.affinity.translate(poly, w + 2, 0)])
-        shapes.append(poly)
-    return geometry_array(shapes)
-
-
 def test_channels_match_rasterio_on_the_shapes_themselves() -> None:
     # independent path: rasterio reads each shapely geometry's __geo_interface__
     def burn(shapes: np.ndarray) -> np.ndarray:
-        return features.rasterize(((g, 1) for g in shapes), out_shape=(64, 64), transform=Affine.identity(), dtype="uint8")
+        return features.rasterize(((g, 1) for g in shapes), out_shape=(128, 128), transform=Affine.identity(), dtype="uint8")
 
     kinds = set()
     for seed in range(3):
-        shapes = _random_shapes(seed)
+        shapes = seeded_buildings(np.random.default_rng(seed))  # courtyard, MultiPolygon, some cut by the border
         kinds |= {g.geom_type for g in shapes}
-        raster = rasterize_polygons(shapes, (64, 64), edge_width=2.0)
+        raster = rasterize_polygons(shapes, (128, 128), edge_width=2.0)
         with rasterizing():  # one GDAL environment for many calls: the same rasters
-            np.testing.assert_array_equal(rasterize_polygons(shapes, (64, 64), edge_width=2.0), raster)
+            np.testing.assert_array_equal(rasterize_polygons(shapes, (128, 128), edge_width=2.0), raster)
         np.testing.assert_array_equal(raster[FILL], burn(shapes))
         np.testing.assert_array_equal(raster[EDGE], burn(shapely.buffer(shapely.boundary(shapes), 1.0, quad_segs=2)))
         assert raster[FILL].sum() > 100 and raster[EDGE].sum() > 100

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import shapely
 import torch
+from conftest import seeded_buildings
 
 from cadalign.config import ConfigError, from_dict
 from cadalign.geo.rasterize import rasterize_polygons
@@ -24,15 +25,7 @@ SMOOTH = {**SMALL, "field_extent": 320.0}
 def _tile(seed: int = 0, size: int = 160, n: int = 40, image: np.ndarray | None = None) -> TileData:
     """A seeded tile: rotated boxes, one building with a courtyard, one MultiPolygon."""
     rng = np.random.default_rng(seed)
-    geoms = []
-    for _ in range(n):
-        x, y = rng.uniform(5, size - 25, size=2)
-        w, h = rng.uniform(5, 18, size=2)
-        geoms.append(shapely.affinity.rotate(shapely.box(x, y, x + w, y + h), rng.uniform(0, 90)))
-    courtyard = shapely.Polygon(shapely.box(60, 60, 90, 90).exterior, [shapely.box(70, 70, 80, 80).exterior])
-    geoms.append(courtyard)
-    geoms.append(shapely.MultiPolygon([shapely.box(100, 20, 110, 30), shapely.box(115, 20, 125, 30)]))
-    labels = np.array(geoms, dtype=object)
+    labels = seeded_buildings(rng, n, size)
     if image is None:
         image = rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8)
     return TileData(image=image, labels=labels, ids=np.arange(len(labels)))
