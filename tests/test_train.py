@@ -261,28 +261,35 @@ def test_ddp_two_cpu_ranks_with_gloo(tmp_path: Path) -> None:
 
 
 WORKER_THREADS = """
-import cv2, numpy as np, torch
+import cv2, gc, numpy as np, torch
 from torch.utils.data import IterableDataset
-from cadalign.train import TrainConfig, _batches, setup_runtime
+from cadalign.train import TrainConfig, loader_batches, setup_runtime
 
 class Threads(IterableDataset):
     def __iter__(self):
         image = np.zeros((1024, 1024, 3), np.uint8)
         while True:
             cv2.resize(image, (512, 512), interpolation=cv2.INTER_AREA)  # OpenCV at work in the worker
-            yield {"threads": torch.tensor(cv2.getNumThreads())}
+            yield {"threads": torch.tensor(cv2.getNumThreads()), "frozen": torch.tensor(gc.get_freeze_count())}
 
 cv2.setNumThreads(2)
 cv2.resize(np.zeros((4096, 4096, 3), np.uint8), (999, 999), interpolation=cv2.INTER_AREA)  # the parent's pool runs
 cfg = TrainConfig(batch_size=2, num_workers=2, device="cpu")
-batches = _batches(Threads(), cfg, setup_runtime(cfg), 0)
-print(sorted({t for _ in range(4) for t in next(batches)["threads"].tolist()}), cv2.getNumThreads())
+batches = loader_batches(Threads(), cfg, setup_runtime(cfg), 0)
+seen = [next(batches) for _ in range(4)]
+print(sorted({t for b in seen for t in b["threads"].tolist()}), cv2.getNumThreads())
+print(min(f for b in seen for f in b["frozen"].tolist()), len(gc.get_objects()), gc.get_freeze_count())
 """
 
 
-def test_loader_workers_run_opencv_single_threaded() -> None:
+def test_loader_workers_run_opencv_single_threaded_with_inherited_objects_frozen() -> None:
     # in a subprocess with a time limit: a fork-unsafe OpenCV setting would hang, not fail
     done = subprocess.run([sys.executable, "-c", WORKER_THREADS], capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
-    workers, parent = done.stdout.split("] ")
+    threads, frozen = done.stdout.splitlines()
+    workers, parent = threads.split("] ")
     assert workers == "[1" and int(parent) == 2  # the workers single-threaded, the parent as it was
+    worker_frozen, parent_objects, parent_frozen = map(int, frozen.split())
+    # the workers' collector skips what they inherited (torch alone is > 100k objects); the
+    # parent's collection is back to normal
+    assert worker_frozen > parent_objects // 2 > 50_000 and parent_frozen == 0

@@ -15,6 +15,7 @@ the checkpoint format, then :func:`train`.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import math
 import os
@@ -182,7 +183,7 @@ class _ShardedStream(Sampler[int]):
             epoch, offset = epoch + 1, 0
 
 
-def _batches(dataset: Dataset, cfg: TrainConfig, rt: Runtime, start_step: int) -> Iterator[dict[str, Any]]:
+def loader_batches(dataset: Dataset, cfg: TrainConfig, rt: Runtime, start_step: int) -> Iterator[dict[str, Any]]:
     """Endless batches for this rank, starting at ``start_step``."""
     loader_rng = torch.Generator().manual_seed(cfg.seed * 1_000_003 + rt.rank * 10_007 + start_step)
     common: dict[str, Any] = {
@@ -208,20 +209,31 @@ def _batches(dataset: Dataset, cfg: TrainConfig, rt: Runtime, start_step: int) -
 
 
 def _start(loader: DataLoader) -> Iterator[Any]:
-    """Start iterating ``loader``; its worker processes run OpenCV single-threaded.
+    """Start iterating ``loader``; its worker processes run OpenCV single-threaded and
+    leave the objects they inherit out of Python's garbage collection.
 
-    Otherwise every worker runs OpenCV's own pool of one thread per core (the patches'
-    warps and resizes): with N workers, N x cores threads fight over the cores the workers
-    were meant to share. The setting is made here while the workers fork, and inherited:
-    changing OpenCV's pool inside a forked worker can deadlock it.
+    - OpenCV: otherwise every worker runs OpenCV's own pool of one thread per core (the
+      patches' warps and resizes), and N workers fight over the cores with N x cores threads.
+      Changing OpenCV's pool inside a forked worker can deadlock it, so the setting is made
+      here while the workers fork, and inherited.
+    - Garbage collection: a worker inherits every object of the training process (~340,000
+      with torch, mlflow and the tiles). A full collection walks all of them (~0.15 s), and
+      a patch's GeoJSON and shapely temporaries set one off about every 30 patches: a
+      quarter of a worker's time (``bench/bench_loader.py``). ``gc.freeze()`` before the
+      fork moves them to the permanent generation in the workers (and keeps the collector
+      from writing to the shared pages); the parent unfreezes right after.
     """
     if loader.num_workers == 0:
         return iter(loader)
     before = cv2.getNumThreads()
+    frozen = gc.get_freeze_count()  # a caller's own freeze stays as it was
     cv2.setNumThreads(0)  # 0: no threading in OpenCV calls
+    gc.freeze()
     try:
         return iter(loader)  # the workers fork here
     finally:
+        if not frozen:
+            gc.unfreeze()
         cv2.setNumThreads(before)
 
 
@@ -433,7 +445,7 @@ def train(
                 },
             )
 
-    batches = _batches(dataset, train_cfg, rt, start_step)
+    batches = loader_batches(dataset, train_cfg, rt, start_step)
     terms: dict[str, float] = {}
     patches_per_step = train_cfg.batch_size * rt.world_size
     t_start = t_log = time.perf_counter()
