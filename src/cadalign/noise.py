@@ -42,7 +42,7 @@ def _bump_sum(points: np.ndarray, n_bumps: int, rng: np.random.Generator) -> np.
     for _ in range(n_bumps):
         centre = rng.uniform(0.0, 1.0, size=2)
         inv_cov = np.linalg.inv(BUMP_VARIANCE * _random_spd(rng))
-        sign = rng.choice((-1.0, 1.0))
+        sign = (-1.0, 1.0)[rng.integers(2)]  # the draw of rng.choice((-1.0, 1.0)), a fifth of its cost
         dx, dy = points[:, 0] - centre[0], points[:, 1] - centre[1]
         quad = inv_cov[0, 0] * dx * dx + 2.0 * inv_cov[0, 1] * dx * dy + inv_cov[1, 1] * dy * dy
         total += sign * np.exp(-0.5 * quad)
@@ -103,7 +103,8 @@ def random_displacement_field(
 def sample_field(field: np.ndarray, xy: np.ndarray) -> np.ndarray:
     """Bilinearly sample a (2, H, W) field at points ``xy`` (N, 2) in pixel coordinates.
 
-    Points outside the pixel-centre grid take the value of the nearest edge.
+    Points outside the pixel-centre grid take the value of the nearest edge. The field is
+    read as float64: pass it as float64 to sample it many times without a copy per call.
 
     Returns:
         float64 array (N, 2): (dx, dy) at each point.
@@ -113,7 +114,7 @@ def sample_field(field: np.ndarray, xy: np.ndarray) -> np.ndarray:
         return np.zeros((0, 2))
     coords = np.stack([xy[:, 1] - 0.5, xy[:, 0] - 0.5])  # (row, col) array indices
     return np.stack(
-        [ndimage.map_coordinates(field[c].astype(np.float64), coords, order=1, mode="nearest") for c in range(2)],
+        [ndimage.map_coordinates(np.asarray(field[c], np.float64), coords, order=1, mode="nearest") for c in range(2)],
         axis=1,
     )
 

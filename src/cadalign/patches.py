@@ -273,7 +273,7 @@ class _Field:
     """A displacement field as a function of tile coordinates, backed by a grid."""
 
     def __init__(self, grid: np.ndarray, origin: np.ndarray, scale: float) -> None:
-        self.grid = grid
+        self.grid = grid.astype(np.float64)  # once: sampled ~10 times per patch (the inverse target)
         self.origin = origin  # tile coordinates of the grid's top-left corner
         self.scale = scale  # grid cells per tile pixel
 
