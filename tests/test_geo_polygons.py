@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sqlite3
+import time
 from pathlib import Path
 
 import geopandas as gpd
@@ -13,6 +15,7 @@ from affine import Affine
 from rasterio.crs import CRS
 
 from cadalign.geo.polygons import (
+    GPKG_TIMESTAMP,
     PolygonError,
     clean_polygons,
     from_pixels,
@@ -50,6 +53,18 @@ def test_round_trip_through_wgs84_gpkg(tmp_path: Path) -> None:
     assert back_ids.tolist() == [1, 2, 3, 4]
     np.testing.assert_allclose(shapely.get_coordinates(back), shapely.get_coordinates(geoms), atol=1e-5)
     assert len(back[2].interiors) == 1  # the courtyard survived
+
+
+def test_the_same_polygons_give_the_same_file(tmp_path: Path) -> None:
+    # GDAL stamps a GeoPackage with the time of writing (ms), unless told a fixed one
+    geoms, ids = tiny_polygons(), np.arange(4) + 1
+    first = write_polygons(tmp_path / "a" / "p.gpkg", geoms, ids, TINY_EPSG)
+    time.sleep(0.05)
+    second = write_polygons(tmp_path / "b" / "p.gpkg", geoms, ids, TINY_EPSG)
+    assert first.read_bytes() == second.read_bytes()
+    with sqlite3.connect(first) as db:
+        assert db.execute("SELECT last_change FROM gpkg_contents").fetchall() == [(GPKG_TIMESTAMP,)]
+    assert pyogrio.get_gdal_config_option("OGR_CURRENT_DATE") is None  # not left set for other writers
 
 
 def test_read_errors(tmp_path: Path) -> None:

@@ -25,6 +25,7 @@ from cadalign.train import (
     lr_at,
     make_optimizer,
     resume_step,
+    save_model,
     setup_runtime,
     train,
 )
@@ -190,6 +191,17 @@ def test_out_of_memory_gives_batch_size_hint(tmp_path: Path, monkeypatch: pytest
     with pytest.raises(RuntimeError, match="lower train.batch_size in params.yaml"):
         train(MODEL, LossConfig(), FAST, TinyPatches(), tmp_path / "c.pt", tmp_path / "m.pt")
     assert not (tmp_path / "m.pt").exists()
+
+
+def test_the_same_weights_give_the_same_file(tmp_path: Path) -> None:
+    # saved to the path, torch would name the archive's folder after the temporary file
+    model = AlignNet(MODEL)
+    save_model(model, tmp_path / "a.pt")
+    save_model(model, tmp_path / "b.pt")
+    assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "b.pt").read_bytes()
+    assert not list(tmp_path.glob(".*"))  # no temporary file left
+    for name, value in load_model(tmp_path / "b.pt").state_dict().items():
+        assert torch.equal(value, model.state_dict()[name])
 
 
 def test_load_model_missing_file(tmp_path: Path) -> None:

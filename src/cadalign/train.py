@@ -262,9 +262,14 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
-def _save_checkpoint(path: Path, ckpt: dict[str, Any]) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(ckpt, tmp)
+def _save(obj: dict[str, Any], path: str | Path) -> None:
+    """``torch.save`` atomically, with the same bytes for the same content.
+
+    Saved to a path, the archive's inner folder takes the file's name, here the random
+    name of the temporary file; saved through a file object it is always "archive".
+    """
+    with atomic_path(path) as tmp, open(tmp, "wb") as file:
+        torch.save(obj, file)
 
 
 def _configs(model_cfg: ModelConfig, loss_cfg: LossConfig, train_cfg: TrainConfig) -> dict[str, Any]:
@@ -304,8 +309,7 @@ def resume_step(checkpoint_path: str | Path) -> int:
 
 def save_model(model: AlignNet, path: str | Path) -> None:
     """Write a network's weights and config (``{model, config}``) atomically, for :func:`load_model`."""
-    with atomic_path(path) as tmp:
-        torch.save({"model": model.state_dict(), "config": asdict(model.cfg)}, tmp)
+    _save({"model": model.state_dict(), "config": asdict(model.cfg)}, path)
 
 
 def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> AlignNet:
@@ -433,8 +437,7 @@ def train(
 
     def checkpoint(step: int) -> None:
         if rt.is_main:
-            _save_checkpoint(
-                checkpoint_path,
+            _save(
                 {
                     "model": raw_model.state_dict(),
                     "optimizer": optimizer.state_dict(),
@@ -443,6 +446,7 @@ def train(
                     "rng": _rng_state(),
                     "config": _configs(model_cfg, loss_cfg, train_cfg),
                 },
+                checkpoint_path,
             )
 
     batches = loader_batches(dataset, train_cfg, rt, start_step)

@@ -8,7 +8,9 @@ disk they are GeoPackages with a CRS and a ``building_id`` column.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +27,10 @@ logger = logging.getLogger(__name__)
 
 ID_COLUMN = "building_id"
 LAYER = "buildings"
+GPKG_TIMESTAMP = "2000-01-01T00:00:00.000Z"
+"""The ``last_change`` of every GeoPackage written here (GDAL's ``OGR_CURRENT_DATE``). GDAL
+otherwise stamps the time of writing, so the same polygons gave a different file, and a
+different DVC hash, on every run."""
 
 
 class PolygonError(ValueError):
@@ -82,15 +88,29 @@ def write_polygons(
     crs: CRS | str | int,
     columns: dict[str, np.ndarray] | None = None,
 ) -> Path:
-    """Write polygons with their ids (and optional extra columns) as a GeoPackage, atomically."""
+    """Write polygons with their ids (and optional extra columns) as a GeoPackage, atomically.
+
+    The file is a function of its content: the same polygons give the same bytes.
+    """
     path = Path(path)
     crs = CRS.from_epsg(crs) if isinstance(crs, int) else CRS.from_user_input(crs)
     data = {ID_COLUMN: np.asarray(ids, dtype=np.int64)}
     data.update(columns or {})
     gdf = gpd.GeoDataFrame(data, geometry=list(np.asarray(geoms, dtype=object)), crs=crs.to_wkt())
-    with atomic_path(path) as tmp:
-        gdf.to_file(tmp, layer=LAYER, driver="GPKG")
+    with atomic_path(path) as tmp, _gpkg_timestamp():
+        gdf.to_file(tmp, layer=LAYER, driver="GPKG", engine="pyogrio")
     return path
+
+
+@contextlib.contextmanager
+def _gpkg_timestamp() -> Iterator[None]:
+    """Stamp GeoPackages with :data:`GPKG_TIMESTAMP` for the block; the option is restored after."""
+    before = pyogrio.get_gdal_config_option("OGR_CURRENT_DATE")
+    pyogrio.set_gdal_config_options({"OGR_CURRENT_DATE": GPKG_TIMESTAMP})
+    try:
+        yield
+    finally:
+        pyogrio.set_gdal_config_options({"OGR_CURRENT_DATE": before})
 
 
 def geometry_array(geoms: list) -> np.ndarray:
