@@ -105,7 +105,9 @@ def loader_rate(dataset: PatchDataset, workers: int, batch_size: int, warmup: in
 
 def main() -> None:
     """Parse arguments, measure, print the tables."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--size", type=int, default=2048, help="synthetic tile side (px)")
     parser.add_argument("--styles", nargs="+", default=["dense", "suburb", "industrial"])
     parser.add_argument("--ds", type=int, default=4, help="downsampling factor of the network")

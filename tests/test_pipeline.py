@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
 from conftest import TINY_STUDY_PARAMS, make_dvc_project
@@ -48,3 +51,27 @@ def test_dvc_repro_whole_study(tmp_path, monkeypatch) -> None:
     train3 = next(r for r in runs if r.info.run_name == "train@round3")
     assert train3.data.tags["mlflow.parentRunId"] == study[0].info.run_id
     assert client.get_metric_history(train3.info.run_id, "ds1.loss")  # per-step losses
+
+    # a rerun from scratch writes the same bytes, so the same DVC hashes, for every output
+    # but those that hold timings: the training logs (throughput) and the similarity metrics
+    # (seconds, peak memory), whose results are the same
+    first = _output_hashes(proj / "dvc.lock")
+    similarity = json.loads((proj / "data" / "similarity" / "round3" / "metrics.json").read_text())
+    shutil.rmtree(proj / "data" / "checkpoints")  # else training resumes at its last step
+    dvc("repro", "--force")
+    second = _output_hashes(proj / "dvc.lock")
+    assert second.keys() == first.keys() and len(first) > 20
+    changed = sorted(path for path in first if second[path] != first[path])
+    timed = [f"data/similarity/{r}/metrics.json" for r in ("compare", "round1", "round2", "round3")]
+    timed += ["data/similarity/compare/summary.csv"] + [f"data/train_logs/round{k}.csv" for k in (1, 2, 3)]
+    assert changed == sorted(timed)
+    again = json.loads((proj / "data" / "similarity" / "round3" / "metrics.json").read_text())
+    timings = {"wall_seconds", "patches_per_second", "peak_memory_bytes", "seconds"}
+    assert timings <= again.keys() and len(again) > 20
+    results = {k: v for k, v in similarity.items() if k not in timings}
+    assert {k: v for k, v in again.items() if k not in timings} == results
+
+
+def _output_hashes(lock: Path) -> dict[str, str]:
+    stages = yaml.safe_load(lock.read_text())["stages"]
+    return {out["path"]: out["md5"] for stage in stages.values() for out in stage.get("outs", [])}

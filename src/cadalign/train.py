@@ -183,7 +183,9 @@ class _ShardedStream(Sampler[int]):
             epoch, offset = epoch + 1, 0
 
 
-def loader_batches(dataset: Dataset, cfg: TrainConfig, rt: Runtime, start_step: int) -> Iterator[dict[str, Any]]:
+def loader_batches(
+    dataset: Dataset, cfg: TrainConfig, rt: Runtime, start_step: int
+) -> Iterator[dict[str, Any]]:
     """Endless batches for this rank, starting at ``start_step``."""
     loader_rng = torch.Generator().manual_seed(cfg.seed * 1_000_003 + rt.rank * 10_007 + start_step)
     common: dict[str, Any] = {
