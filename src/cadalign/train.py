@@ -219,11 +219,12 @@ def _start(loader: DataLoader) -> Iterator[Any]:
       Changing OpenCV's pool inside a forked worker can deadlock it, so the setting is made
       here while the workers fork, and inherited.
     - Garbage collection: a worker inherits every object of the training process (~340,000
-      with torch, mlflow and the tiles). A full collection walks all of them (~0.15 s), and
-      a patch's GeoJSON and shapely temporaries set one off about every 30 patches: a
-      quarter of a worker's time (``bench/bench_loader.py``). ``gc.freeze()`` before the
-      fork moves them to the permanent generation in the workers (and keeps the collector
-      from writing to the shared pages); the parent unfreezes right after.
+      with torch, mlflow and the tiles). A full collection walks all of them (~0.2 s), and
+      a patch's GeoJSON and shapely temporaries set one off about every 75 patches: a sixth
+      of a worker's time, a quarter on dense blocks (``bench/bench_loader.py``).
+      ``gc.freeze()`` before the fork moves them to the permanent generation in the workers
+      (and keeps the collector from writing to the shared pages); the parent unfreezes
+      right after.
     """
     if loader.num_workers == 0:
         return iter(loader)
