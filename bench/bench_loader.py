@@ -40,7 +40,6 @@ from cadalign.patches import PatchConfig, PatchDataset, PatchSampler, TileData
 from cadalign.sources.synthetic import generate_tile, tile_seed
 from cadalign.train import TrainConfig, loader_batches, setup_runtime
 
-logger = logging.getLogger(__name__)
 
 
 @dataclass
