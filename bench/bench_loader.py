@@ -41,7 +41,6 @@ from cadalign.sources.synthetic import generate_tile, tile_seed
 from cadalign.train import TrainConfig, loader_batches, setup_runtime
 
 
-
 @dataclass
 class GcClock:
     """CPU time spent in the garbage collector, from ``gc.callbacks``."""
