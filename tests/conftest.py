@@ -1,4 +1,4 @@
-"""Shared fixtures: an isolated MLflow store and a tiny seeded city on disk."""
+"""Shared fixtures: an isolated MLflow store, a tiny seeded city on disk, the tiny studies of studies.py."""
 
 from __future__ import annotations
 
@@ -8,20 +8,14 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
-import geopandas as gpd
 import numpy as np
 import pytest
 import shapely
 import shapely.affinity
 import torch
-from affine import Affine
-from rasterio import features
-
-from cadalign.geo.polygons import from_pixels, geometry_array, write_polygons
-from cadalign.geo.tiles import write_geotiff
-
-TINY_EPSG = 32631  # UTM 31N
-TINY_SIZE = 64
+from studies import similarity_study as _similarity_study
+from studies import train_study as _train_study
+from studies import write_tiny_city
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -42,37 +36,6 @@ def one_thread() -> None:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def tiny_polygons() -> np.ndarray:
-    """A handful of buildings in pixel coordinates of a 64x64 tile: boxes, an L, a courtyard."""
-    return geometry_array(
-        [
-            shapely.box(4, 4, 20, 16),
-            shapely.Polygon([(30, 6), (50, 6), (50, 14), (38, 14), (38, 26), (30, 26)]),
-            shapely.Polygon(shapely.box(8, 34, 30, 56).exterior, [shapely.box(14, 40, 24, 50).exterior.coords]),
-            shapely.box(40, 36, 58, 58),
-        ]
-    )
-
-
-def write_tiny_city(root: Path, city: str = "tinytown", n_tiles: int = 2, seed: int = 0) -> Path:
-    """Write a seeded tiny city (Inria layout) and return its folder."""
-    rng = np.random.default_rng(seed)
-    city_dir = root / city
-    for n in range(1, n_tiles + 1):
-        transform = Affine(0.3, 0, 500000.0 + (n - 1) * TINY_SIZE * 0.3, 0, -0.3, 5000000.0)
-        image = rng.integers(60, 120, size=(3, TINY_SIZE, TINY_SIZE), dtype=np.uint8)
-        geoms = tiny_polygons()
-        ids = np.arange(len(geoms), dtype=np.int64) + 100 * n
-        mask = features.rasterize(((g, 255) for g in geoms), out_shape=(TINY_SIZE, TINY_SIZE), dtype="uint8")
-        image[:, mask > 0] = 200
-        write_geotiff(city_dir / "images" / f"{city}{n}.tif", image, transform, TINY_EPSG)
-        write_geotiff(city_dir / "gt" / f"{city}{n}.tif", mask, transform, TINY_EPSG)
-        proj, ids, crs = from_pixels(geoms, ids, transform, f"EPSG:{TINY_EPSG}")
-        wgs = gpd.GeoSeries(list(proj), crs=f"EPSG:{TINY_EPSG}").to_crs(4326)
-        write_polygons(city_dir / "polygons" / f"{city}{n}.gpkg", geometry_array(list(wgs.values)), ids, 4326)
-    return city_dir
 
 
 @pytest.fixture
@@ -137,3 +100,15 @@ def max_weight_diff(a: torch.nn.Module, b: torch.nn.Module) -> float:
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys()
     return max((sa[k].float() - sb[k].float()).abs().max().item() for k in sa)
+
+
+@pytest.fixture
+def train_study(tmp_path: Path, tiny_city: Path) -> dict[str, Path]:
+    """The tiny city misaligned, with settings for a few training steps (studies.train_study)."""
+    return _train_study(tmp_path, tiny_city)
+
+
+@pytest.fixture(scope="session")
+def similarity_study(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two analysed rounds and their comparison (studies.similarity_study), built once."""
+    return _similarity_study(tmp_path_factory.mktemp("sim"))

@@ -24,7 +24,7 @@ from cadalign.geo.polygons import (
     to_pixels,
     write_polygons,
 )
-from conftest import TINY_EPSG, tiny_polygons
+from studies import TINY_EPSG, tiny_polygons
 
 
 def test_pixel_convention_matches_transform() -> None:

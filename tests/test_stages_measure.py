@@ -12,7 +12,7 @@ import shapely
 from cadalign.config import ConfigError
 from cadalign.geo.polygons import read_polygons, write_polygons
 from cadalign.stages import measure
-from conftest import write_tiny_city
+from studies import write_tiny_city
 
 SHIFT_M = (0.9, 1.2)  # metres east, north: 3 px right and 4 px up on the 0.3 m tiles, 5 px long
 

@@ -1,8 +1,7 @@
-"""End-to-end tests of the train and realign stages on the tiny seeded city (CPU, a few steps)."""
+"""End-to-end tests of the train stage on the tiny seeded city (CPU, a few steps)."""
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from pathlib import Path
@@ -12,161 +11,64 @@ import pytest
 import shapely
 import torch
 from conftest import max_weight_diff
+from studies import run_train
 
 from cadalign.align import realign as align
-from cadalign.config import ConfigError, load_section
+from cadalign.config import load_section
 from cadalign.geo.polygons import read_polygons, write_polygons
 from cadalign.model import AlignNet
-from cadalign.stages import evaluate as evaluate_stage
-from cadalign.stages import initialize, misalign, realign, train
+from cadalign.stages import initialize, realign, train
 from cadalign.train import load_model
 
-TINY_TRAIN = """
-train:
-  factors: [2, 1]
-  input_size: 40
-  model: {image_widths: [4, 8], poly_widths: [2, 4], deep_supervision_levels: 1}
-  optim: {steps: 4, batch_size: 2, checkpoint_every: 2, log_every: 1, num_workers: 0, lr: 0.001}
-  patches: {keep_prob: 1.0}
-realign:
-  device: cuda   # absent in CI: falls back to the CPU with a warning
-  window: {output_size: 16, batch_size: 4, progress: false}
-"""
 
-
-@pytest.fixture
-def study(tmp_path: Path, tiny_city: Path) -> dict[str, Path]:
-    params = tmp_path / "params.yaml"
-    params.write_text(
-        "cities:\n  tinytown: {source: synthetic, tiles: [1, 2]}\n"
-        "noise: {max_displacement: 3.0, n_bumps: 30, seed: 4}\n" + TINY_TRAIN
-    )
-    paths = {
-        "params": params,
-        "cities": tiny_city.parent,
-        "truth": tmp_path / "truth",
-        "round0": tmp_path / "labels" / "round0",
-        "models": tmp_path / "models" / "round1",
-        "ckpt": tmp_path / "ckpt" / "round1",
-        "log": tmp_path / "logs" / "round1.csv",
-        "round1": tmp_path / "labels" / "round1",
-    }
-    misalign.main(
-        ["--params", str(params), "--city", "tinytown", "--city-dir", str(tiny_city),
-         "--truth-out", str(paths["truth"] / "tinytown"), "--labels-out", str(paths["round0"] / "tinytown"),
-         "--fields-out", str(tmp_path / "noise" / "tinytown")]
-    )
-    return paths
-
-
-def run_train(p: dict[str, Path], labels: str = "round0", init: Path | None = None) -> None:
-    train.main(
-        ["--params", str(p["params"]), "--round", "round1", "--cities-dir", str(p["cities"]),
-         "--labels", str(p[labels]), "--out", str(p["models"]), "--checkpoints", str(p["ckpt"]), "--log", str(p["log"])]
-        + (["--init", str(init)] if init is not None else [])
-    )
-
-
-def run_realign(p: dict[str, Path]) -> None:
-    realign.main(
-        ["--params", str(p["params"]), "--round", "round1", "--cities-dir", str(p["cities"]),
-         "--labels", str(p["round0"]), "--models", str(p["models"]), "--out", str(p["round1"])]
-    )
-
-
-def test_train_realign_evaluate(study: dict[str, Path], caplog: pytest.LogCaptureFixture) -> None:
-    run_train(study)
-    assert sorted(f.name for f in study["models"].iterdir()) == ["ds1.pt", "ds2.pt"]
-    net = load_model(study["models"] / "ds2.pt")
+def test_train_writes_one_network_per_factor_and_a_loss_log(train_study: dict[str, Path]) -> None:
+    run_train(train_study)
+    assert sorted(f.name for f in train_study["models"].iterdir()) == ["ds1.pt", "ds2.pt"]
+    net = load_model(train_study["models"] / "ds2.pt")
     assert net.cfg.image_widths == (4, 8)
-    rows = study["log"].read_text().splitlines()
+    rows = train_study["log"].read_text().splitlines()
     assert rows[0] == "round,ds,step,loss,lr,patches_per_s" and len(rows) == 1 + 2 * 4
     assert all(np.isfinite(float(r.split(",")[3])) for r in rows[1:])
-    with caplog.at_level(logging.WARNING):
-        run_realign(study)
-    assert "realign.device = cuda but CUDA is not available" in caplog.text
-    before = read_polygons(study["round0"] / "tinytown" / "tinytown1.gpkg")
-    after = read_polygons(study["round1"] / "tinytown" / "tinytown1.gpkg")
-    assert after["building_id"].tolist() == before["building_id"].tolist()
-    assert shapely.get_num_coordinates(after.geometry.values).tolist() == shapely.get_num_coordinates(
-        before.geometry.values
-    ).tolist()
-    moved = np.abs(shapely.get_coordinates(after.geometry.values) - shapely.get_coordinates(before.geometry.values))
-    assert moved.max() > 0  # the networks moved the vertices
-    assert moved.max() <= 4.0 * 0.3 * (2 + 1) + 1e-6  # at most disp_max_px x sum(factors) px, in metres
-    metrics = study["log"].parent / "m.json"
-    evaluate_stage.main(
-        ["--params", str(study["params"]), "--name", "round1", "--cities-dir", str(study["cities"]),
-         "--truth", str(study["truth"]), "--labels", str(study["round1"]), "--metrics", str(metrics),
-         "--curve", str(metrics.with_suffix(".csv"))]
-    )
-    assert json.loads(metrics.read_text())["n_vertices"] > 0
 
 
-def test_rerun_resumes_from_checkpoints(study: dict[str, Path], caplog: pytest.LogCaptureFixture) -> None:
-    run_train(study)
-    first = torch.load(study["models"] / "ds1.pt", weights_only=True)["model"]
+def test_rerun_resumes_from_checkpoints(train_study: dict[str, Path], caplog: pytest.LogCaptureFixture) -> None:
+    run_train(train_study)
+    first = torch.load(train_study["models"] / "ds1.pt", weights_only=True)["model"]
     with caplog.at_level(logging.INFO):
-        run_train(study)  # e.g. DVC reran the stage: finished checkpoints are reused
+        run_train(train_study)  # e.g. DVC reran the stage: finished checkpoints are reused
     assert caplog.text.count("resuming from") == 2
-    second = torch.load(study["models"] / "ds1.pt", weights_only=True)["model"]
+    second = torch.load(train_study["models"] / "ds1.pt", weights_only=True)["model"]
     assert all(torch.equal(first[k], second[k]) for k in first)
 
 
-def test_checkpoint_of_other_settings_is_discarded(study: dict[str, Path], caplog: pytest.LogCaptureFixture) -> None:
-    run_train(study)
-    study["params"].write_text(study["params"].read_text().replace("lr: 0.001", "lr: 0.002"))
+def test_checkpoint_of_other_settings_is_discarded(train_study: dict[str, Path], caplog: pytest.LogCaptureFixture) -> None:
+    run_train(train_study)
+    train_study["params"].write_text(train_study["params"].read_text().replace("lr: 0.001", "lr: 0.002"))
     with caplog.at_level(logging.WARNING):
-        run_train(study)
+        run_train(train_study)
     assert caplog.text.count("was made for other labels or settings") == 2
 
 
-def test_empty_and_missing_labels(study: dict[str, Path]) -> None:
-    for path in (study["round0"] / "tinytown").glob("*.gpkg"):
+def test_empty_and_missing_labels(train_study: dict[str, Path]) -> None:
+    for path in (train_study["round0"] / "tinytown").glob("*.gpkg"):
         gdf = read_polygons(path)
         write_polygons(path, np.array([], dtype=object), np.array([], dtype=np.int64), gdf.crs)
     with pytest.raises(ValueError, match="every label file is empty"):
-        run_train(study)
-    study["round0"] = study["round0"].parent / "nothing"
+        run_train(train_study)
+    train_study["round0"] = train_study["round0"].parent / "nothing"
     with pytest.raises(FileNotFoundError, match="no labels of city 'tinytown'"):
-        run_train(study)
-
-
-def test_refine_passes_the_finest_network_again(study: dict[str, Path]) -> None:
-    run_train(study)
-    run_realign(study)
-    chain = train.training_tiles(study["cities"], study["round1"], ["tinytown"])  # pixel coordinates
-    study["params"].write_text(study["params"].read_text().replace("realign:\n", "realign:\n  refine: 1\n"))
-    study["round1"] = study["round1"].with_name("refined")
-    run_realign(study)
-    refined = train.training_tiles(study["cities"], study["round1"], ["tinytown"])
-    # independently: the ds-1 network once more on the chain's output
-    window = load_section(study["params"], "realign", realign.RealignStageConfig).window
-    net = load_model(study["models"] / "ds1.pt")
-    for t, r in zip(chain, refined, strict=True):
-        again = shapely.get_coordinates(align({1: net}, t.image, t.labels, "cpu", window))
-        np.testing.assert_allclose(shapely.get_coordinates(r.labels), again, atol=1e-3)
-        assert np.abs(again - shapely.get_coordinates(t.labels)).max() > 0
-    study["params"].write_text(study["params"].read_text().replace("refine: 1", "refine: -1"))
-    with pytest.raises(ConfigError, match=r"params.yaml: realign: refine=-1 must be >= 0"):
-        run_realign(study)
-
-
-def test_realign_without_models(study: dict[str, Path]) -> None:
-    study["models"].mkdir(parents=True)
-    with pytest.raises(FileNotFoundError, match="no networks ds<f>.pt"):
-        run_realign(study)
+        run_train(train_study)
 
 
 @pytest.fixture
-def warm(study: dict[str, Path]) -> dict[str, Path]:
+def warm(train_study: dict[str, Path]) -> dict[str, Path]:
     """The tiny study with train.warm_start from the initialize stage's networks, at a vanishing lr."""
-    text = study["params"].read_text().replace("lr: 0.001}", "lr: 1.0e-12}")
+    text = train_study["params"].read_text().replace("lr: 0.001}", "lr: 1.0e-12}")
     text = text.replace("  patches: {keep_prob: 1.0}\n", "  patches: {keep_prob: 1.0}\n  warm_start: true\n")
-    study["params"].write_text(text)
-    study["init"] = study["models"].parent / "round0"
-    initialize.main(["--params", str(study["params"]), "--out", str(study["init"])])
-    return study
+    train_study["params"].write_text(text)
+    train_study["init"] = train_study["models"].parent / "round0"
+    initialize.main(["--params", str(train_study["params"]), "--out", str(train_study["init"])])
+    return train_study
 
 
 def test_warm_start_trains_from_the_given_networks(warm: dict[str, Path]) -> None:
@@ -233,18 +135,18 @@ def test_grow_needs_the_coarsest_network(warm: dict[str, Path]) -> None:
 
 
 def test_cascade_trains_finer_networks_on_the_coarser_realignment(
-    study: dict[str, Path], caplog: pytest.LogCaptureFixture
+    train_study: dict[str, Path], caplog: pytest.LogCaptureFixture
 ) -> None:
-    text = study["params"].read_text().replace("  patches: {keep_prob: 1.0}\n", "  patches: {keep_prob: 1.0}\n  cascade: true\n")
-    study["params"].write_text(text)
+    text = train_study["params"].read_text().replace("  patches: {keep_prob: 1.0}\n", "  patches: {keep_prob: 1.0}\n  cascade: true\n")
+    train_study["params"].write_text(text)
     with caplog.at_level(logging.INFO):
-        run_train(study)
+        run_train(train_study)
     logged = re.search(r"cascade: ds=2 moved the training labels ([\d.]+) px", caplog.text)
     assert logged is not None and "cascade: ds=1" not in caplog.text  # the finest network realigns nothing
     # independently: the written ds2 network realigns the round-0 labels by that much
-    window = load_section(study["params"], "realign", realign.RealignStageConfig).window
-    net = load_model(study["models"] / "ds2.pt")
-    tiles = train.training_tiles(study["cities"], study["round0"], ["tinytown"])
+    window = load_section(train_study["params"], "realign", realign.RealignStageConfig).window
+    net = load_model(train_study["models"] / "ds2.pt")
+    tiles = train.training_tiles(train_study["cities"], train_study["round0"], ["tinytown"])
     shifts = np.concatenate(
         [
             np.linalg.norm(
@@ -259,10 +161,10 @@ def test_cascade_trains_finer_networks_on_the_coarser_realignment(
     assert float(logged.group(1)) == pytest.approx(shifts.mean(), abs=0.006)
     caplog.clear()
     with caplog.at_level(logging.INFO):
-        run_train(study)  # both finished checkpoints are reused
+        run_train(train_study)  # both finished checkpoints are reused
     assert caplog.text.count("resuming from") == 2
     caplog.clear()
-    study["params"].write_text(text.replace("progress: false}", "progress: false, symmetries: 2}"))
+    train_study["params"].write_text(text.replace("progress: false}", "progress: false, symmetries: 2}"))
     with caplog.at_level(logging.WARNING):
-        run_train(study)  # other realignment settings: only the finer network starts afresh
+        run_train(train_study)  # other realignment settings: only the finer network starts afresh
     assert caplog.text.count("was made for other labels or settings") == 1 and "ds1.ckpt" in caplog.text

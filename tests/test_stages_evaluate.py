@@ -1,0 +1,87 @@
+"""Tests of the evaluate stage: labels with known errors against the true polygons."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import shapely
+
+from cadalign.geo.polygons import read_polygons, write_polygons
+from cadalign.stages import evaluate
+
+
+def _shifted_labels(study: dict[str, Path], out: Path, dx: float, dy: float) -> Path:
+    """The true polygons moved by (dx, dy) px (0.3 m pixels; +y is down, i.e. south)."""
+    for path in sorted((study["truth"] / "tinytown").glob("*.gpkg")):
+        gdf = read_polygons(path)
+        moved = shapely.transform(gdf.geometry.values, lambda xy: xy + (0.3 * dx, -0.3 * dy))
+        write_polygons(out / "tinytown" / path.name, moved, gdf["building_id"].to_numpy(), gdf.crs)
+    return out
+
+
+def _run(study: dict[str, Path], labels: Path) -> tuple[Path, Path]:
+    metrics, curve = study["root"] / "eval" / "metrics.json", study["root"] / "eval" / "accuracy.csv"
+    evaluate.main(
+        ["--params", str(study["params"]), "--name", "shifted", "--cities-dir", str(study["cities"]),
+         "--truth", str(study["truth"]), "--labels", str(labels), "--metrics", str(metrics), "--curve", str(curve)]
+    )
+    return metrics, curve
+
+
+@pytest.fixture
+def study(train_study: dict[str, Path]) -> dict[str, Path]:
+    return {**train_study, "root": train_study["params"].parent}
+
+
+def test_a_uniform_shift_scores_its_length_at_every_vertex(study: dict[str, Path]) -> None:
+    metrics_path, curve_path = _run(study, _shifted_labels(study, study["root"] / "shifted", 2.94, 3.92))
+    metrics = json.loads(metrics_path.read_text())
+    n_true = sum(
+        len(shapely.get_coordinates(read_polygons(p).geometry.values))
+        for p in (study["truth"] / "tinytown").glob("*.gpkg")
+    )
+    assert metrics["n_vertices"] == n_true
+    for summary in (metrics, metrics["cities"]["tinytown"]):
+        assert summary["median_error_px"] == pytest.approx(4.9, abs=1e-6)
+        assert summary["mean_error_px"] == pytest.approx(4.9, abs=1e-6)
+        assert (summary["frac_within_4px"], summary["frac_within_8px"]) == (0.0, 1.0)
+    with curve_path.open() as fh:
+        curve = {float(r["tau"]): float(r["accuracy"]) for r in csv.DictReader(fh)}
+    assert curve[4.75] == 0.0 and curve[5.0] == 1.0 and curve[32.0] == 1.0
+    # the area under a step at 4.9 of [0, 32], by the trapezoid rule on the 0.25 px grid
+    assert metrics["auc"] == pytest.approx((32.0 - 5.0 + 0.125) / 32.0)
+    # the mask-based residual finds the whole-pixel translation nearest to (2.94, 3.92): (3, 4)
+    offsets = metrics["mask_offset"]
+    assert offsets["n_polygons"] == offsets["cities"]["tinytown"]["n_polygons"] == 8
+    assert offsets["median_offset_px"] == pytest.approx(5.0)
+
+
+def test_the_truth_scores_zero(study: dict[str, Path]) -> None:
+    metrics = json.loads(_run(study, study["truth"])[0].read_text())
+    assert metrics["median_error_px"] == 0.0 and metrics["auc"] == 1.0 and metrics["frac_within_1px"] == 1.0
+
+
+def test_a_missing_tile_names_the_file_and_writes_nothing(study: dict[str, Path]) -> None:
+    labels = _shifted_labels(study, study["root"] / "shifted", 1.0, 0.0)
+    (labels / "tinytown" / "tinytown2.gpkg").unlink()
+    with pytest.raises(FileNotFoundError, match=r"labels missing for tile tinytown2: .*tinytown2\.gpkg; rerun the stage"):
+        _run(study, labels)
+    assert not (study["root"] / "eval").exists()
+
+
+def test_empty_labels_and_other_polygons_are_refused(study: dict[str, Path]) -> None:
+    labels = _shifted_labels(study, study["root"] / "shifted", 1.0, 0.0)
+    for path in (labels / "tinytown").glob("*.gpkg"):
+        write_polygons(path, np.array([], dtype=object), np.array([], dtype=np.int64), read_polygons(path).crs)
+    with pytest.raises(ValueError, match=r"matched no true vertex \(empty labels\?\)"):
+        _run(study, labels)
+    path = study["truth"] / "tinytown" / "tinytown1.gpkg"
+    gdf = read_polygons(path)
+    simpler = [g.envelope for g in gdf.geometry.values]  # other vertex counts than the truth's
+    write_polygons(labels / "tinytown" / "tinytown1.gpkg", np.array(simpler, dtype=object), gdf["building_id"].to_numpy(), gdf.crs)
+    with pytest.raises(ValueError, match=r"tinytown1\.gpkg: building \d+ has \d+ vertices but the truth has \d+"):
+        _run(study, labels)
