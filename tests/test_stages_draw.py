@@ -53,9 +53,20 @@ def test_draw_writes_both_figures_and_logs_them(train_study: dict[str, Path], mo
 
 def test_a_tile_of_no_city_names_the_param(train_study: dict[str, Path]) -> None:
     study = _with_draw(train_study, "draw: {tile: tinytown9}\n")
-    with pytest.raises(FileNotFoundError, match=r"draw.tile = 'tinytown9': no tile .*tinytown9\.tif; pick a tile"):
+    with pytest.raises(FileNotFoundError, match=r"draw.tile = 'tinytown9': no tile .*; pick one of tinytown1, tinytown2$"):
         _run(study, study["params"].parent / "figures")
     assert not (study["params"].parent / "figures").exists()
+
+
+def test_the_tile_is_found_when_the_city_name_ends_in_digits(tmp_path: Path) -> None:
+    for city, tile in (("zone2", "zone21"), ("zone", "zone2")):
+        (tmp_path / city / "images").mkdir(parents=True)
+        (tmp_path / city / "images" / f"{tile}.tif").touch()
+    assert draw.find_tile(tmp_path, "zone21") == tmp_path / "zone2" / "images" / "zone21.tif"
+    assert draw.find_tile(tmp_path, "zone2") == tmp_path / "zone" / "images" / "zone2.tif"
+    (tmp_path / "zone" / "images" / "zone21.tif").touch()  # tile 21 of zone: the same name
+    with pytest.raises(ValueError, match=r"draw.tile = 'zone21' names a tile of 2 cities .*; rename one"):
+        draw.find_tile(tmp_path, "zone21")
 
 
 @pytest.mark.parametrize(

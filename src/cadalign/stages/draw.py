@@ -55,6 +55,31 @@ def _pairs(values: list[str], option: str) -> dict[str, Path]:
     return out
 
 
+def find_tile(cities_dir: Path, name: str) -> Path:
+    """The image ``<cities_dir>/<city>/images/<name>.tif`` of the tile named ``name``.
+
+    The city is found on disk rather than cut from the name, since a city's own name may end
+    in digits (tile 1 of ``zone2`` is ``zone21``).
+
+    Raises:
+        FileNotFoundError: naming ``draw.tile`` and the tiles there are, if no city has it.
+        ValueError: if two cities have a tile of that name (``zone2`` tile 1, ``zone`` tile 21).
+    """
+    found = sorted(Path(cities_dir).glob(f"*/images/{name}.tif"))
+    if not found:
+        tiles = sorted(p.stem for p in Path(cities_dir).glob("*/images/*.tif"))
+        raise FileNotFoundError(
+            f"draw.tile = {name!r}: no tile {name}.tif under {cities_dir}/<city>/images/; "
+            f"pick one of {', '.join(tiles) or 'none (run the fetch stages first)'}"
+        )
+    if len(found) > 1:
+        raise ValueError(
+            f"draw.tile = {name!r} names a tile of {len(found)} cities ({', '.join(str(p) for p in found)}); "
+            "rename one of the cities in params.yaml"
+        )
+    return found[0]
+
+
 def read_curve(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """Read a ``tau,accuracy`` CSV written by the evaluate stage."""
     with path.open() as f:
@@ -72,11 +97,9 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging()
     cfg = load_section(args.params, "draw", DrawConfig)
     labels, curves = _pairs(args.labels, "--labels"), _pairs(args.curves, "--curves")
-    city = re.sub(r"\d+$", "", cfg.tile)
     with stage_run("draw", {"draw": dataclasses.asdict(cfg)}) as run:
-        tile_path = args.cities_dir / city / "images" / f"{cfg.tile}.tif"
-        if not tile_path.is_file():
-            raise FileNotFoundError(f"draw.tile = {cfg.tile!r}: no tile {tile_path}; pick a tile of a city in params.yaml")
+        tile_path = find_tile(args.cities_dir, cfg.tile)
+        city = tile_path.parent.parent.name
         tile = read_tile(tile_path)
         layers = {}
         for name, folder in labels.items():
