@@ -243,6 +243,14 @@ def test_synthetic_city_still_works(tmp_path, server, dataset, caplog):
     assert not (out / "osm").exists()
 
 
+def test_unknown_synthetic_style_names_the_key(tmp_path, server, dataset):
+    params = _params(tmp_path, server, dataset, "  tinyville: {source: synthetic, style: suburbs, tiles: [1]}")
+    with pytest.raises(ConfigError, match=r"params.yaml: cities.tinyville: style = 'suburbs' is not a synthetic style; "
+                       r"use one of dense, suburb, industrial"):
+        _run(params, "tinyville", tmp_path / "cities" / "tinyville")
+    assert not (tmp_path / "cities").exists()
+
+
 @pytest.mark.slow
 def test_dvc_repro_inria_city(tmp_path, server, dataset, monkeypatch):
     """The project's dvc.yaml runs the registration study on an Inria city from the local servers.

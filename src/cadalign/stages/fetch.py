@@ -32,7 +32,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cadalign.atomic import atomic_path
-from cadalign.config import CityConfig, load_city, load_section
+from cadalign.config import CityConfig, ConfigError, load_city, load_section
 from cadalign.geo.polygons import from_pixels, write_polygons
 from cadalign.geo.tiles import read_band
 from cadalign.sources import inria, synthetic
@@ -220,6 +220,11 @@ def main(argv: list[str] | None = None) -> None:
     city = load_city(args.params, args.city)
     cfg: Any
     if city.source == "synthetic":
+        if city.style not in synthetic.STYLES:
+            raise ConfigError(
+                f"{args.params}: cities.{args.city}: style = {city.style!r} is not a synthetic style; "
+                f"use one of {', '.join(synthetic.STYLES)}"
+            )
         cfg = load_section(args.params, "synthetic", SyntheticConfig)
     else:
         check_inria_city(args.city)  # before anything is logged or read
