@@ -1,4 +1,4 @@
-"""`dvc repro` of the whole study on a tiny synthetic city, as a user runs it (slow: ~1-2 min)."""
+"""`dvc repro` of the whole study on a tiny synthetic city, as a user runs it (slow: ~1-2 min), and dvc.yaml itself."""
 
 from __future__ import annotations
 
@@ -75,3 +75,20 @@ def test_dvc_repro_whole_study(tmp_path, monkeypatch) -> None:
 def _output_hashes(lock: Path) -> dict[str, str]:
     stages = yaml.safe_load(lock.read_text())["stages"]
     return {out["path"]: out["md5"] for stage in stages.values() for out in stage.get("outs", [])}
+
+
+def test_dvc_yaml_names_every_round_of_params() -> None:
+    """The lists of dvc.yaml that name the rounds one by one follow `rounds` in params.yaml."""
+    repo = Path(__file__).resolve().parents[1]
+    rounds = list(yaml.safe_load((repo / "params.yaml").read_text())["rounds"])
+    dvc = yaml.safe_load((repo / "dvc.yaml").read_text())
+    stages = dvc["stages"]
+    assert stages["evaluate"]["foreach"] == ["round0", *rounds]
+    draw = stages["draw"]["cmd"].split()
+    assert [a.split("=")[0] for a in draw if a.startswith("round") and "/labels/" in a] == ["round0", *rounds]
+    assert [a.split("=")[0] for a in draw if a.startswith("round") and "/eval/" in a] == ["round0", *rounds]
+    compare = stages["compare"]
+    assert [a.split("=")[0] for a in compare["cmd"].split() if a.startswith("round")] == rounds
+    assert sorted({d.split("/")[2] for d in compare["deps"] if d.startswith("data/similarity/")}) == rounds
+    (accuracy,) = [p["accuracy"] for p in dvc["plots"] if isinstance(p, dict) and "accuracy" in p]
+    assert list(accuracy["y"]) == [f"data/eval/{r}/accuracy.csv" for r in ["round0", *rounds]]
