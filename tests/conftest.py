@@ -58,6 +58,7 @@ realign:
   device: auto
   window: {output_size: 16, batch_size: 8, progress: false}
 similarity: {ds: 2, patch_size: 88, patches_per_tile: 4, n_queries: 2, k: 2, chunk_size: 4, device: cpu}
+evaluate: {resamples: 200, seed: 0}
 rounds: {round1: round0, round2: round1, round3: round2}
 """
 

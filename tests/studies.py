@@ -70,6 +70,7 @@ train:
 realign:
   device: cuda   # absent in CI: falls back to the CPU with a warning
   window: {output_size: 16, batch_size: 4, progress: false}
+evaluate: {resamples: 200, seed: 0}
 """
 
 

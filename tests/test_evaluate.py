@@ -14,15 +14,16 @@ def test_errors_match_by_id_and_vertex() -> None:
     truth = geometry_array([shapely.box(0, 0, 10, 10), shapely.box(20, 20, 30, 30)])
     labels = geometry_array([shapely.affinity.translate(truth[1], 3, 4), shapely.affinity.translate(truth[0], 1, 0)])
     # labels are listed in another order: matching is by id, not position
-    errors, stats = evaluate.vertex_errors(truth, np.array([1, 2]), labels, np.array([2, 1]))
+    errors, ids, stats = evaluate.vertex_errors(truth, np.array([1, 2]), labels, np.array([2, 1]))
     assert stats.n_vertices == 10 and stats.n_missing == 0
+    assert ids.tolist() == [1] * 5 + [2] * 5 and errors.tolist() == [1.0] * 5 + [5.0] * 5  # truth order
     assert sorted(errors.tolist()) == [1.0] * 5 + [5.0] * 5
 
 
 def test_missing_building_and_bad_vertex_count() -> None:
     truth = geometry_array([shapely.box(0, 0, 10, 10), shapely.box(20, 20, 30, 30)])
-    errors, stats = evaluate.vertex_errors(truth, np.array([1, 2]), truth[:1], np.array([1]))
-    assert stats.n_missing == 1 and len(errors) == 5
+    errors, ids, stats = evaluate.vertex_errors(truth, np.array([1, 2]), truth[:1], np.array([1]))
+    assert stats.n_missing == 1 and len(errors) == 5 and ids.tolist() == [1] * 5
     simplified = geometry_array([shapely.Polygon([(0, 0), (10, 0), (10, 10)])])
     with pytest.raises(ValueError, match="building 1 has 4 vertices but the truth has 5"):
         evaluate.vertex_errors(truth[:1], np.array([1]), simplified, np.array([1]), where="x.gpkg")
@@ -43,3 +44,41 @@ def test_curve_and_summary_against_direct_computation() -> None:
     assert m["auc"] == pytest.approx(expect, abs=2e-3)
     with pytest.raises(ValueError, match="no vertices"):
         evaluate.summarize(np.array([]))
+
+
+def test_bootstrap_draws_whole_buildings_within_each_city() -> None:
+    # one city, buildings A (errors 1, 1) and B (3, 3, 3): a resample is AA, AB or BB with
+    # probabilities 1/4, 1/2, 1/4, and only AA has a median of 1
+    errors = np.array([1.0, 1.0, 3.0, 3.0, 3.0])
+    medians = evaluate.cluster_bootstrap_medians(errors, np.array([7, 7, 8, 8, 8]), np.zeros(5), 4000, seed=0)
+    assert medians.shape == (4000, 1) and set(np.unique(medians)) == {1.0, 3.0}
+    assert np.mean(medians == 1.0) == pytest.approx(0.25, abs=0.03)
+    # each building its own city: every resample keeps both, so the median never changes
+    fixed = evaluate.cluster_bootstrap_medians(errors, np.array([7, 7, 8, 8, 8]), np.array([0, 0, 1, 1, 1]), 50, seed=0)
+    np.testing.assert_array_equal(fixed, np.median(errors))
+    # the same building id in two cities is two buildings
+    two = evaluate.cluster_bootstrap_medians(errors, np.zeros(5), np.array(["a", "a", "b", "b", "b"]), 50, seed=0)
+    np.testing.assert_array_equal(two, np.median(errors))
+    again = evaluate.cluster_bootstrap_medians(errors, np.array([7, 7, 8, 8, 8]), np.zeros(5), 4000, seed=0)
+    np.testing.assert_array_equal(medians, again)
+
+
+def test_bootstrap_of_single_vertices_is_the_ordinary_bootstrap() -> None:
+    rng = np.random.default_rng(1)
+    errors = rng.exponential(3.0, size=301)
+    ours = evaluate.cluster_bootstrap_medians(errors, np.arange(301), np.zeros(301), 3000, seed=2)[:, 0]
+    naive = np.median(errors[rng.integers(301, size=(3000, 301))], axis=1)
+    assert np.percentile(ours, [2.5, 50, 97.5]) == pytest.approx(np.percentile(naive, [2.5, 50, 97.5]), abs=0.12)
+
+
+def test_paired_rows_share_each_draw() -> None:
+    rng = np.random.default_rng(3)
+    before = rng.exponential(3.0, size=40)
+    buildings, cities = np.repeat(np.arange(10), 4), np.repeat(["a", "b"], 20)
+    medians = evaluate.cluster_bootstrap_medians(np.stack([before, before + 0.5, before]), buildings, cities, 200, seed=4)
+    np.testing.assert_allclose(medians[:, 1] - medians[:, 0], 0.5)
+    np.testing.assert_array_equal(medians[:, 2], medians[:, 0])
+    assert medians[:, 0].std() > 0
+    assert evaluate.interval(np.arange(101.0)) == pytest.approx([2.5, 97.5])
+    with pytest.raises(ValueError, match="no vertices"):
+        evaluate.cluster_bootstrap_medians(np.array([]), np.array([]), np.array([]), 10, seed=0)

@@ -34,6 +34,9 @@ def test_dvc_repro_whole_study(tmp_path, monkeypatch) -> None:
     assert (proj / "data" / "models" / "round3" / "ds1.pt").is_file()
     # train.grow: round 1 starts from the coarsest network only
     assert [p.name for p in (proj / "data" / "models" / "round0").iterdir()] == ["ds2.pt"]
+    changes = json.loads((proj / "data" / "eval" / "changes" / "metrics.json").read_text())
+    assert list(changes) == ["round0_to_round1", "round1_to_round2", "round2_to_round3"]
+    assert all(c["ci95_low_px"] <= c["median_change_px"] <= c["ci95_high_px"] for c in changes.values())
     compare = json.loads((proj / "data" / "similarity" / "compare" / "metrics.json").read_text())
     assert set(compare) == {"round1", "round2", "round3"}
     assert all(compare[r]["n_patches"] > 0 for r in compare)
@@ -47,7 +50,7 @@ def test_dvc_repro_whole_study(tmp_path, monkeypatch) -> None:
     stages = {r.info.run_name for r in runs if r.data.tags.get("cadalign.role") == "stage"}
     assert len(study) == 1
     assert {"fetch@minitown", "misalign@minitown", "train@round1", "realign@round3", "evaluate@round3", "draw",
-            "analyze@round2", "compare"} <= stages
+            "analyze@round2", "compare", "contrast"} <= stages
     train3 = next(r for r in runs if r.info.run_name == "train@round3")
     assert train3.data.tags["mlflow.parentRunId"] == study[0].info.run_id
     assert client.get_metric_history(train3.info.run_id, "ds1.loss")  # per-step losses
@@ -90,5 +93,8 @@ def test_dvc_yaml_names_every_round_of_params() -> None:
     compare = stages["compare"]
     assert [a.split("=")[0] for a in compare["cmd"].split() if a.startswith("round")] == rounds
     assert sorted({d.split("/")[2] for d in compare["deps"] if d.startswith("data/similarity/")}) == rounds
+    contrast = stages["contrast"]
+    assert [a.split("=")[0] for a in contrast["cmd"].split() if a.startswith("round")] == ["round0", *rounds]
+    assert [d.split("/")[2] for d in contrast["deps"] if d.startswith("data/eval/")] == ["round0", *rounds]
     (accuracy,) = [p["accuracy"] for p in dvc["plots"] if isinstance(p, dict) and "accuracy" in p]
     assert list(accuracy["y"]) == [f"data/eval/{r}/accuracy.csv" for r in ["round0", *rounds]]

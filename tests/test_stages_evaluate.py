@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import shapely
 
+from cadalign.evaluate import cluster_bootstrap_medians, read_vertex_table
 from cadalign.geo.polygons import read_polygons, write_polygons
 from cadalign.stages import evaluate
 
@@ -27,7 +28,8 @@ def _run(study: dict[str, Path], labels: Path) -> tuple[Path, Path]:
     metrics, curve = study["root"] / "eval" / "metrics.json", study["root"] / "eval" / "accuracy.csv"
     evaluate.main(
         ["--params", str(study["params"]), "--name", "shifted", "--cities-dir", str(study["cities"]),
-         "--truth", str(study["truth"]), "--labels", str(labels), "--metrics", str(metrics), "--curve", str(curve)]
+         "--truth", str(study["truth"]), "--labels", str(labels), "--metrics", str(metrics), "--curve", str(curve),
+         "--errors", str(study["root"] / "eval" / "errors.csv")]
     )
     return metrics, curve
 
@@ -54,10 +56,34 @@ def test_a_uniform_shift_scores_its_length_at_every_vertex(study: dict[str, Path
     assert curve[4.75] == 0.0 and curve[5.0] == 1.0 and curve[32.0] == 1.0
     # the area under a step at 4.9 of [0, 32], by the trapezoid rule on the 0.25 px grid
     assert metrics["auc"] == pytest.approx((32.0 - 5.0 + 0.125) / 32.0)
+    assert summary["median_ci95_low_px"] == summary["median_ci95_high_px"] == pytest.approx(4.9, abs=1e-6)
     # the mask-based residual finds the whole-pixel translation nearest to (2.94, 3.92): (3, 4)
     offsets = metrics["mask_offset"]
     assert offsets["n_polygons"] == offsets["cities"]["tinytown"]["n_polygons"] == 8
     assert offsets["median_offset_px"] == pytest.approx(5.0)
+
+
+def test_errors_csv_lists_every_vertex_and_the_interval_resamples_buildings(study: dict[str, Path]) -> None:
+    metrics_path, _ = _run(study, study["round0"])
+    table = read_vertex_table(study["root"] / "eval" / "errors.csv")
+    # independently: the distance of each label vertex to the true vertex of the same id and index
+    expected, where = [], []
+    for path in sorted((study["truth"] / "tinytown").glob("*.gpkg")):
+        truth = read_polygons(path).set_index("building_id")
+        labels = read_polygons(study["round0"] / "tinytown" / path.name).set_index("building_id")
+        for bid, geom in truth.geometry.items():
+            d = shapely.get_coordinates(labels.geometry[bid]) - shapely.get_coordinates(geom)
+            expected += list(np.hypot(d[:, 0], d[:, 1]) / 0.3)
+            where += [(path.stem, bid, k) for k in range(len(d))]
+    assert list(zip(table.tile, table.building_id, table.vertex, strict=True)) == where
+    assert set(table.city) == {"tinytown"}
+    np.testing.assert_allclose(table.error_px, expected, atol=1e-5)
+    metrics = json.loads(metrics_path.read_text())
+    assert metrics["median_error_px"] == pytest.approx(np.median(expected), abs=1e-5)
+    medians = cluster_bootstrap_medians(table.error_px, table.building_id, table.city, 200, seed=0)
+    low, high = np.percentile(medians, [2.5, 97.5])
+    assert (metrics["median_ci95_low_px"], metrics["median_ci95_high_px"]) == pytest.approx((low, high))
+    assert low < metrics["median_error_px"] < high
 
 
 def test_the_truth_scores_zero(study: dict[str, Path]) -> None:

@@ -21,7 +21,7 @@ from cadalign.stages import misalign
 def write_params(tmp_path: Path, amplitude: float = 3.0, extra: str = "") -> Path:
     path = tmp_path / "params.yaml"
     path.write_text(
-        "cities:\n  tinytown: {source: synthetic, tiles: [1, 2]}\n"
+        "cities:\n  tinytown: {source: synthetic, tiles: [1, 2]}\nevaluate: {resamples: 200, seed: 0}\n"
         f"noise:\n  max_displacement: {amplitude}\n  n_bumps: 30\n  seed: 4\n{extra}"
     )
     return path
@@ -42,7 +42,8 @@ def test_misalign_then_evaluate_matches_field(tmp_path: Path, tiny_city: Path) -
     metrics_path, curve_path = tmp_path / "eval" / "metrics.json", tmp_path / "eval" / "acc.csv"
     evaluate_stage.main(
         ["--params", str(tmp_path / "params.yaml"), "--name", "round0", "--cities-dir", str(tiny_city.parent), "--truth", str(tmp_path / "truth"),
-         "--labels", str(tmp_path / "labels"), "--metrics", str(metrics_path), "--curve", str(curve_path)]
+         "--labels", str(tmp_path / "labels"), "--metrics", str(metrics_path), "--curve", str(curve_path),
+         "--errors", str(tmp_path / "eval" / "errors.csv")]
     )
     metrics = json.loads(metrics_path.read_text())
     # Independent computation: read the written fields, sample them at the true vertices with
@@ -93,7 +94,8 @@ def test_missing_labels_named(tmp_path: Path, tiny_city: Path) -> None:
     with pytest.raises(FileNotFoundError, match="tinytown2.gpkg"):
         evaluate_stage.main(
             ["--params", str(tmp_path / "params.yaml"), "--name", "r", "--cities-dir", str(tiny_city.parent), "--truth", str(tmp_path / "truth"),
-             "--labels", str(tmp_path / "labels"), "--metrics", str(tmp_path / "m.json"), "--curve", str(tmp_path / "c.csv")]
+             "--labels", str(tmp_path / "labels"), "--metrics", str(tmp_path / "m.json"), "--curve", str(tmp_path / "c.csv"),
+             "--errors", str(tmp_path / "e.csv")]
         )
 
 

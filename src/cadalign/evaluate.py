@@ -7,8 +7,10 @@ corresponds to the true vertex of the same building id and the same index in
 
 from __future__ import annotations
 
+import csv
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import shapely
@@ -32,7 +34,7 @@ class MatchStats:
 
 def vertex_errors(
     true_geoms: np.ndarray, true_ids: np.ndarray, geoms: np.ndarray, ids: np.ndarray, where: str = "labels"
-) -> tuple[np.ndarray, MatchStats]:
+) -> tuple[np.ndarray, np.ndarray, MatchStats]:
     """Per-vertex distance between label polygons and the true polygons, matched by id.
 
     Args:
@@ -41,7 +43,9 @@ def vertex_errors(
         where: name of the labels (a file) used in error messages.
 
     Returns:
-        (errors, stats): float64 array with one error per matched vertex, and match counts.
+        (errors, building_ids, stats): float64 array with one error per matched vertex (in the
+        truth's building order, then vertex order), the building id of each of those
+        vertices, and match counts.
 
     Raises:
         ValueError: if an id repeats, or a building's vertex count differs from the truth's
@@ -71,7 +75,8 @@ def vertex_errors(
         )
     diff = shapely.get_coordinates(p) - shapely.get_coordinates(t)
     errors = np.hypot(diff[:, 0], diff[:, 1])
-    return errors, MatchStats(n_buildings=len(true_ids), n_missing=n_missing, n_vertices=len(errors))
+    building_ids = np.repeat(true_ids[present], nt)
+    return errors, building_ids, MatchStats(n_buildings=len(true_ids), n_missing=n_missing, n_vertices=len(errors))
 
 
 def accuracy_curve(errors: np.ndarray, tau_max: float = TAU_MAX, step: float = TAU_STEP) -> tuple[np.ndarray, np.ndarray]:
@@ -98,3 +103,104 @@ def summarize(errors: np.ndarray) -> dict[str, float]:
     for t in THRESHOLDS:
         metrics[f"frac_within_{t}px"] = float((errors <= t).mean())
     return metrics
+
+
+def cluster_bootstrap_medians(
+    errors: np.ndarray, clusters: np.ndarray, strata: np.ndarray, n_resamples: int, seed: int
+) -> np.ndarray:
+    """Medians of vertex errors over resamples of whole buildings (a stratified cluster bootstrap).
+
+    The vertices of one building share its misalignment, so they are not independent: each
+    resample draws, within every stratum (city), as many buildings as it has, with
+    replacement, and keeps all their vertices. The same draw serves every row of ``errors``,
+    so rows of the same vertices (label sets of two rounds) give paired medians.
+
+    Args:
+        errors: (R, V) errors of V vertices in R label sets (or (V,) for one).
+        clusters: (V,) building of each vertex (any hashable id; unique within a stratum).
+        strata: (V,) stratum (city) of each vertex.
+        n_resamples: number of resamples (>= 1).
+        seed: seeds the draws, so the result is reproducible.
+
+    Returns:
+        (n_resamples, R) medians, one row per resample.
+    """
+    errors = np.atleast_2d(np.asarray(errors, dtype=np.float64))
+    if errors.shape[1] == 0:
+        raise ValueError("no vertices to resample")
+    if n_resamples < 1:
+        raise ValueError(f"n_resamples = {n_resamples}; draw at least one resample")
+    keys = np.array([f"{s}\0{c}" for s, c in zip(strata, clusters, strict=True)])
+    unique_keys, vertex_cluster = np.unique(keys, return_inverse=True)
+    cluster_stratum = np.array([k.split("\0", 1)[0] for k in unique_keys])
+    groups = [np.flatnonzero(cluster_stratum == s) for s in np.unique(cluster_stratum)]
+    rng = np.random.default_rng(seed)
+    out = np.empty((n_resamples, errors.shape[0]))
+    counts = np.zeros(len(unique_keys), dtype=np.int64)
+    for b in range(n_resamples):
+        counts[:] = 0
+        for members in groups:
+            counts += np.bincount(members[rng.integers(len(members), size=len(members))], minlength=len(counts))
+        out[b] = np.median(np.repeat(errors, counts[vertex_cluster], axis=1), axis=1)
+    return out
+
+
+def interval(values: np.ndarray, level: float = 0.95) -> list[float]:
+    """The central ``level`` percentile interval of bootstrap values, as [low, high]."""
+    tail = 100.0 * (1.0 - level) / 2.0
+    low, high = np.percentile(np.asarray(values, dtype=np.float64), [tail, 100.0 - tail])
+    return [float(low), float(high)]
+
+
+@dataclass(frozen=True)
+class BootstrapConfig:
+    """The ``evaluate`` section of params.yaml: the intervals of the medians (evaluate and contrast stages)."""
+
+    resamples: int = 1000  # cluster-bootstrap resamples (whole buildings, within each city)
+    seed: int = 0  # seeds the resamples: the same intervals on every rerun
+
+    def validate(self) -> None:
+        if self.resamples < 1:
+            raise ValueError(f"resamples = {self.resamples}; draw at least 1 (1000 for a 95% interval)")
+
+
+@dataclass(frozen=True)
+class VertexTable:
+    """One row per scored vertex: where it is and its error (px); ``errors.csv`` on disk."""
+
+    city: np.ndarray
+    tile: np.ndarray
+    building_id: np.ndarray
+    vertex: np.ndarray  # index of the vertex within its building
+    error_px: np.ndarray
+
+    COLUMNS = ("city", "tile", "building_id", "vertex", "error_px")
+
+    def to_csv(self) -> str:
+        rows = zip(self.city, self.tile, self.building_id, self.vertex, self.error_px, strict=True)
+        return ",".join(self.COLUMNS) + "\n" + "".join(f"{c},{t},{b},{v},{e:.6f}\n" for c, t, b, v, e in rows)
+
+
+def read_vertex_table(path: Path) -> VertexTable:
+    """Read the per-vertex errors (``errors.csv``) that the evaluate stage wrote.
+
+    Raises:
+        ValueError: naming the file, if its header or a row is not the evaluate stage's.
+    """
+    with Path(path).open(newline="") as fh:
+        reader = csv.reader(fh)
+        header = next(reader, None)
+        if tuple(header or ()) != VertexTable.COLUMNS:
+            raise ValueError(f"{path}: header {header}, expected {list(VertexTable.COLUMNS)}; rerun the evaluate stage")
+        rows = list(reader)
+    bad = next((i for i, row in enumerate(rows) if len(row) != len(VertexTable.COLUMNS)), None)
+    if bad is not None:
+        raise ValueError(f"{path}: line {bad + 2} has {len(rows[bad])} fields, expected 5; rerun the evaluate stage")
+    cols = list(zip(*rows)) if rows else [()] * len(VertexTable.COLUMNS)
+    return VertexTable(
+        city=np.array(cols[0], dtype=str),
+        tile=np.array(cols[1], dtype=str),
+        building_id=np.array(cols[2], dtype=np.int64),
+        vertex=np.array(cols[3], dtype=np.int64),
+        error_px=np.array(cols[4], dtype=np.float64),
+    )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from pathlib import Path
 
 import torch
 
@@ -16,6 +17,21 @@ def make_parser(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--params", default="params.yaml", help="path of params.yaml (default: %(default)s)")
     return parser
+
+
+def name_path_pairs(values: list[str], option: str) -> dict[str, Path]:
+    """``NAME=PATH`` arguments as {name: path}, in the order given.
+
+    Raises:
+        ValueError: naming the option, for a value without ``=``, a name or a path.
+    """
+    out = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"{option} {value!r}: expected NAME=PATH")
+        out[name] = Path(path)
+    return out
 
 
 def setup_logging() -> None:

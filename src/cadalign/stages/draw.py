@@ -25,7 +25,7 @@ from cadalign.config import load_section
 from cadalign.geo.polygons import read_polygons, to_pixels
 from cadalign.geo.tiles import read_tile
 from cadalign.plots import ROUND_COLOURS, plot_accuracy_curves, plot_overlay
-from cadalign.stages.common import make_parser, setup_logging
+from cadalign.stages.common import make_parser, name_path_pairs, setup_logging
 from cadalign.tracking import stage_run
 
 logger = logging.getLogger(__name__)
@@ -43,16 +43,6 @@ class DrawConfig:
             raise ValueError(f"window = {list(self.window)}; give [x0, y0, width, height] with width, height >= 1")
         if not re.fullmatch(r"[A-Za-z0-9_-]*?\d+", self.tile):
             raise ValueError(f"tile = {self.tile!r}; name a tile as <city><number>, e.g. synthville1")
-
-
-def _pairs(values: list[str], option: str) -> dict[str, Path]:
-    out = {}
-    for value in values:
-        name, sep, path = value.partition("=")
-        if not sep or not name or not path:
-            raise ValueError(f"{option} {value!r}: expected NAME=PATH")
-        out[name] = Path(path)
-    return out
 
 
 def find_tile(cities_dir: Path, name: str) -> Path:
@@ -96,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     setup_logging()
     cfg = load_section(args.params, "draw", DrawConfig)
-    labels, curves = _pairs(args.labels, "--labels"), _pairs(args.curves, "--curves")
+    labels, curves = name_path_pairs(args.labels, "--labels"), name_path_pairs(args.curves, "--curves")
     with stage_run("draw", {"draw": dataclasses.asdict(cfg)}) as run:
         tile_path = find_tile(args.cities_dir, cfg.tile)
         city = tile_path.parent.parent.name

@@ -5,17 +5,22 @@ same name under ``--labels`` and the tile's georeferencing under ``--cities-dir`
 summary metrics (JSON, a DVC metric) and the accuracy curve (CSV with columns
 ``tau,accuracy``, a DVC plot). Next to the vertex metric, ``mask_offset`` holds the
 mask-based residual of each label polygon (best translation within +-32 px against the
-tile's building mask), the measure that also works for labels without vertex truth.
+tile's building mask), the measure that also works for labels without vertex truth. Each
+median comes with a 95% interval from a cluster bootstrap over buildings (the vertices of
+one building share its misalignment), and the per-vertex errors are written as CSV for the
+``contrast`` stage, which pairs the rounds.
 
 Usage::
 
     python -m cadalign.stages.evaluate --name round0 --cities-dir data/cities \
         --truth data/truth --labels data/labels/round0 \
-        --metrics data/eval/round0/metrics.json --curve data/eval/round0/accuracy.csv
+        --metrics data/eval/round0/metrics.json --curve data/eval/round0/accuracy.csv \
+        --errors data/eval/round0/errors.csv
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -23,7 +28,7 @@ import numpy as np
 
 from cadalign import evaluate
 from cadalign.atomic import write_json, write_text
-from cadalign.config import load_cities
+from cadalign.config import load_cities, load_section
 from cadalign.geo.labels import label_files
 from cadalign.geo.mask_metric import label_offsets, summarize_by_city
 from cadalign.geo.polygons import read_polygons, to_pixels
@@ -34,17 +39,14 @@ from cadalign.tracking import stage_run
 logger = logging.getLogger(__name__)
 
 
-def tile_errors(
-    cities_dir: Path, truth_dir: Path, labels_dir: Path, cities: list[str]
-) -> dict[str, dict[str, np.ndarray]]:
-    """Per-vertex errors of every tile of the study's cities: {city: {tile: errors}}.
+def vertex_table(cities_dir: Path, truth_dir: Path, labels_dir: Path, cities: list[str]) -> evaluate.VertexTable:
+    """Per-vertex errors of every tile of the study's cities, in city, tile, truth order.
 
     Raises:
         FileNotFoundError: if a city has no true polygons or a tile's labels are missing.
     """
-    truth_files = label_files(truth_dir, cities)
-    out: dict[str, dict[str, np.ndarray]] = {}
-    for truth_path in truth_files:
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in evaluate.VertexTable.COLUMNS}
+    for truth_path in label_files(truth_dir, cities):
         city, tile = truth_path.parent.name, truth_path.stem
         label_path = labels_dir / city / truth_path.name
         if not label_path.is_file():
@@ -54,11 +56,24 @@ def tile_errors(
         info = read_info(cities_dir / city / "images" / f"{tile}.tif")
         true_geoms, true_ids = to_pixels(read_polygons(truth_path), info.transform, info.crs)
         geoms, ids = to_pixels(read_polygons(label_path), info.transform, info.crs)
-        errors, stats = evaluate.vertex_errors(true_geoms, true_ids, geoms, ids, where=str(label_path))
+        errors, building_ids, stats = evaluate.vertex_errors(true_geoms, true_ids, geoms, ids, where=str(label_path))
         if stats.n_missing:
             logger.warning("%s: %d buildings missing from the labels", label_path, stats.n_missing)
-        out.setdefault(city, {})[tile] = errors
-    return out
+        starts = np.flatnonzero(np.r_[True, building_ids[1:] != building_ids[:-1]]) if len(errors) else np.array([], int)
+        parts["city"].append(np.full(len(errors), city))
+        parts["tile"].append(np.full(len(errors), tile))
+        parts["building_id"].append(building_ids)
+        parts["vertex"].append(np.arange(len(errors)) - np.repeat(starts, np.diff(np.r_[starts, len(errors)])))
+        parts["error_px"].append(errors)
+    return evaluate.VertexTable(**{name: np.concatenate(arrays) for name, arrays in parts.items()})
+
+
+def _with_interval(summary: dict, table: evaluate.VertexTable, mask: np.ndarray, cfg: evaluate.BootstrapConfig) -> dict:
+    medians = evaluate.cluster_bootstrap_medians(
+        table.error_px[mask], table.building_id[mask], table.city[mask], cfg.resamples, cfg.seed
+    )
+    low, high = evaluate.interval(medians[:, 0])
+    return {**summary, "median_ci95_low_px": low, "median_ci95_high_px": high}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -69,29 +84,34 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--labels", type=Path, required=True)
     parser.add_argument("--metrics", type=Path, required=True)
     parser.add_argument("--curve", type=Path, required=True)
+    parser.add_argument("--errors", type=Path, required=True, help="per-vertex errors (CSV), for the contrast stage")
     args = parser.parse_args(argv)
     setup_logging()
-    with stage_run(f"evaluate@{args.name}", {"labels": str(args.labels), "name": args.name}) as run:
+    cfg = load_section(args.params, "evaluate", evaluate.BootstrapConfig)
+    params = {"labels": str(args.labels), "name": args.name, "evaluate": dataclasses.asdict(cfg)}
+    with stage_run(f"evaluate@{args.name}", params) as run:
         cities = sorted(load_cities(args.params))
-        per_city = tile_errors(args.cities_dir, args.truth, args.labels, cities)
-        all_errors = np.concatenate([e for tiles in per_city.values() for e in tiles.values()])
-        if len(all_errors) == 0:
+        table = vertex_table(args.cities_dir, args.truth, args.labels, cities)
+        if len(table.error_px) == 0:
             raise ValueError(f"{args.labels}: the labels matched no true vertex (empty labels?); rerun the stage that writes them")
-        metrics = evaluate.summarize(all_errors)
+        everything = np.ones(len(table.error_px), dtype=bool)
+        metrics = _with_interval(evaluate.summarize(table.error_px), table, everything, cfg)
         metrics["cities"] = {
-            city: evaluate.summarize(np.concatenate(list(tiles.values())))
-            for city, tiles in per_city.items()
-            if sum(len(e) for e in tiles.values())
+            city: _with_interval(evaluate.summarize(table.error_px[table.city == city]), table, table.city == city, cfg)
+            for city in cities
+            if (table.city == city).any()
         }
         metrics["mask_offset"] = summarize_by_city(label_offsets(args.cities_dir, args.labels, cities=cities))
-        taus, curve = evaluate.accuracy_curve(all_errors)
+        taus, curve = evaluate.accuracy_curve(table.error_px)
         write_json(args.metrics, metrics)
         write_text(args.curve, "tau,accuracy\n" + "".join(f"{t:.2f},{a:.6f}\n" for t, a in zip(taus, curve, strict=True)))
+        write_text(args.errors, table.to_csv())
         run.log_metrics(metrics)
         run.log_artifact(args.curve)
         logger.info(
-            "%s: median error %.2f px, AUC %.3f over %d vertices",
-            args.name, metrics["median_error_px"], metrics["auc"], metrics["n_vertices"],
+            "%s: median error %.2f px (95%% interval %.2f-%.2f), AUC %.3f over %d vertices",
+            args.name, metrics["median_error_px"], metrics["median_ci95_low_px"], metrics["median_ci95_high_px"],
+            metrics["auc"], metrics["n_vertices"],
         )
 
 
