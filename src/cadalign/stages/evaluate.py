@@ -59,13 +59,20 @@ def vertex_table(cities_dir: Path, truth_dir: Path, labels_dir: Path, cities: li
         errors, building_ids, stats = evaluate.vertex_errors(true_geoms, true_ids, geoms, ids, where=str(label_path))
         if stats.n_missing:
             logger.warning("%s: %d buildings missing from the labels", label_path, stats.n_missing)
-        starts = np.flatnonzero(np.r_[True, building_ids[1:] != building_ids[:-1]]) if len(errors) else np.array([], int)
         parts["city"].append(np.full(len(errors), city))
         parts["tile"].append(np.full(len(errors), tile))
         parts["building_id"].append(building_ids)
-        parts["vertex"].append(np.arange(len(errors)) - np.repeat(starts, np.diff(np.r_[starts, len(errors)])))
+        parts["vertex"].append(_index_within_runs(building_ids))
         parts["error_px"].append(errors)
     return evaluate.VertexTable(**{name: np.concatenate(arrays) for name, arrays in parts.items()})
+
+
+def _index_within_runs(ids: np.ndarray) -> np.ndarray:
+    """0, 1, 2, ... counting again from 0 wherever ``ids`` changes (a building's vertices)."""
+    if len(ids) == 0:
+        return np.zeros(0, dtype=np.int64)
+    starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
+    return np.arange(len(ids)) - np.repeat(starts, np.diff(np.r_[starts, len(ids)]))
 
 
 def _with_interval(summary: dict, table: evaluate.VertexTable, mask: np.ndarray, cfg: evaluate.BootstrapConfig) -> dict:
