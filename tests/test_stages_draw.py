@@ -74,7 +74,7 @@ def test_the_tile_is_found_when_the_city_name_ends_in_digits(tmp_path: Path) -> 
     [
         ("draw: {window: [0, 0, 64]}\n", r"draw: window = \[0, 0, 64\]; give \[x0, y0, width, height\]"),
         ("draw: {tile: tinytown}\n", r"draw: tile = 'tinytown'; name a tile as <city><number>"),
-        ("draw: {tiles: tinytown1}\n", r"tiles"),
+        ("draw: {tiles: tinytown1}\n", r"unknown key 'draw\.tiles'"),
     ],
 )
 def test_bad_draw_params_are_named(train_study: dict[str, Path], section: str, message: str) -> None:
