@@ -195,7 +195,7 @@ def read_vertex_table(path: Path) -> VertexTable:
         rows = list(reader)
     bad = next((i for i, row in enumerate(rows) if len(row) != len(VertexTable.COLUMNS)), None)
     if bad is not None:
-        raise ValueError(f"{path}: line {bad + 2} has {len(rows[bad])} fields, expected 5; rerun the evaluate stage")
+        raise ValueError(f"{path}: line {bad + 2} has {len(rows[bad])} fields, expected {len(VertexTable.COLUMNS)}; rerun the evaluate stage")
     cols = list(zip(*rows)) if rows else [()] * len(VertexTable.COLUMNS)
     return VertexTable(
         city=np.array(cols[0], dtype=str),

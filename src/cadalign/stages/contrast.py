@@ -60,10 +60,11 @@ def change(before: np.ndarray, after: np.ndarray, mask: np.ndarray, table: evalu
     )
     deltas = medians[:, 1] - medians[:, 0]
     low, high = evaluate.interval(deltas)
+    median_before, median_after = float(np.median(before[mask])), float(np.median(after[mask]))
     return {
-        "median_before_px": float(np.median(before[mask])),
-        "median_after_px": float(np.median(after[mask])),
-        "median_change_px": float(np.median(after[mask]) - np.median(before[mask])),
+        "median_before_px": median_before,
+        "median_after_px": median_after,
+        "median_change_px": median_after - median_before,
         "ci95_low_px": low,
         "ci95_high_px": high,
         "share_fell": float(np.mean(deltas < 0)),
