@@ -41,11 +41,9 @@ def check_same_vertices(tables: dict[str, evaluate.VertexTable], paths: dict[str
     first = tables[names[0]]
     for name in names[1:]:
         table = tables[name]
-        same = len(table.error_px) == len(first.error_px) and all(
-            np.array_equal(getattr(table, column), getattr(first, column))
-            for column in ("city", "tile", "building_id", "vertex")
-        )
-        if not same:
+        same = (np.array_equal(getattr(table, column), getattr(first, column))
+                for column in ("city", "tile", "building_id", "vertex"))
+        if not all(same):
             raise ValueError(
                 f"{paths[name]} and {paths[names[0]]} score other vertices (other cities, tiles or truth); "
                 "rerun the evaluate stages on the same truth"

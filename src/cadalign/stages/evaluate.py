@@ -75,12 +75,13 @@ def _index_within_runs(ids: np.ndarray) -> np.ndarray:
     return np.arange(len(ids)) - np.repeat(starts, np.diff(np.r_[starts, len(ids)]))
 
 
-def _with_interval(summary: dict, table: evaluate.VertexTable, mask: np.ndarray, cfg: evaluate.BootstrapConfig) -> dict:
+def _summary(table: evaluate.VertexTable, mask: np.ndarray, cfg: evaluate.BootstrapConfig) -> dict:
+    """The metrics of the vertices in ``mask``, with the 95% interval of their median."""
     medians = evaluate.cluster_bootstrap_medians(
         table.error_px[mask], table.building_id[mask], table.city[mask], cfg.resamples, cfg.seed
     )
     low, high = evaluate.interval(medians[:, 0])
-    return {**summary, "median_ci95_low_px": low, "median_ci95_high_px": high}
+    return {**evaluate.summarize(table.error_px[mask]), "median_ci95_low_px": low, "median_ci95_high_px": high}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -102,12 +103,9 @@ def main(argv: list[str] | None = None) -> None:
         if len(table.error_px) == 0:
             raise ValueError(f"{args.labels}: the labels matched no true vertex (empty labels?); rerun the stage that writes them")
         everything = np.ones(len(table.error_px), dtype=bool)
-        metrics = _with_interval(evaluate.summarize(table.error_px), table, everything, cfg)
-        metrics["cities"] = {
-            city: _with_interval(evaluate.summarize(table.error_px[table.city == city]), table, table.city == city, cfg)
-            for city in cities
-            if (table.city == city).any()
-        }
+        metrics = _summary(table, everything, cfg)
+        in_city = {city: table.city == city for city in cities}
+        metrics["cities"] = {city: _summary(table, mask, cfg) for city, mask in in_city.items() if mask.any()}
         metrics["mask_offset"] = summarize_by_city(label_offsets(args.cities_dir, args.labels, cities=cities))
         taus, curve = evaluate.accuracy_curve(table.error_px)
         write_json(args.metrics, metrics)
