@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 
@@ -225,6 +226,26 @@ def test_field_scale_widens_the_field_and_clips_the_target() -> None:
     assert clipped > 0  # some target values were beyond the tanh range
     with pytest.raises(ConfigError, match="field_scale"):
         from_dict(PatchConfig, {"field_scale": 0.0}, "params.yaml: patches")
+
+
+def test_weight_by_city_draws_each_city_equally() -> None:
+    """Three tiles of city a (two 160 px, one 80 px) and one of city b: by area b gets 160^2 /
+    (3 x 160^2 + 80^2) = 0.31 of the draws; by city it gets half, and a splits its half by area."""
+    tiles = [
+        dataclasses.replace(_tile(seed=0), city="a"),
+        dataclasses.replace(_tile(seed=1), city="a"),
+        dataclasses.replace(_tile(seed=2, size=80, n=10), city="a"),
+        dataclasses.replace(_tile(seed=3), city="b"),
+    ]
+    area = PatchSampler(tiles, PatchConfig(**SMALL))
+    np.testing.assert_allclose(area.tile_prob, np.array([4, 4, 1, 4]) / 13)
+    by_city = PatchSampler(tiles, PatchConfig(**SMALL, weight_by="city"))
+    np.testing.assert_allclose(by_city.tile_prob, [2 / 9, 2 / 9, 1 / 18, 1 / 2])
+    drawn = np.bincount([by_city.draw(np.random.default_rng(k)).tile for k in range(400)], minlength=4)
+    # binomial: 400 draws of p = 0.5 -> sd 10; of 2/9 -> sd 8.3
+    assert abs(drawn[3] - 200) < 40 and abs(drawn[0] - 400 * 2 / 9) < 34
+    with pytest.raises(ConfigError, match="weight_by='tile' must be 'area' or 'city'"):
+        from_dict(PatchConfig, {"weight_by": "tile"}, "params.yaml: patches")
 
 
 def test_downsample_area_average_and_label_scale() -> None:

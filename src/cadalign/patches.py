@@ -2,7 +2,9 @@
 
 Each sample is drawn fresh (no patch files on disk):
 
-1. pick a tile (probability proportional to its area, tiles without labels skipped) and a
+1. pick a tile (probability proportional to its area, or with ``weight_by="city"`` each
+   city equally, split by area among its tiles; tiles without labels
+   skipped) and a
    random rigid transform of the patch: rotation ``theta`` (uniform in [0, 2 pi)) and an
    optional vertical flip;
 2. pick the patch centre uniformly such that the rotation-safe crop of side
@@ -69,11 +71,13 @@ class TileData:
         labels: object array of shapely (Multi)Polygons in full-resolution pixel coordinates:
             the current labels of the round (the targets the network learns from).
         ids: building ids, one per label (kept for bookkeeping; not used for sampling).
+        city: the tile's city (any name; ``PatchConfig.weight_by = "city"`` draws cities equally).
     """
 
     image: np.ndarray
     labels: np.ndarray
     ids: np.ndarray
+    city: str = ""
 
 
 @dataclass(frozen=True)
@@ -121,6 +125,10 @@ class PatchConfig:
     # Centre draws before giving up on finding a true vertex in the output window by chance;
     # then the window is placed around a random vertex (rare unless labels are very sparse).
     max_tries: int = 50
+    # How tiles are drawn: "area" (probability proportional to the tile's area) or "city" (each
+    # city equally often, split by area among its tiles), so that a city with fewer or smaller
+    # tiles is not a minority of the training.
+    weight_by: str = "area"
     seed: int = 0
 
     @property
@@ -175,6 +183,8 @@ class PatchConfig:
                 f"edge_width={self.edge_width} must be > 0, crop_slack={self.crop_slack} >= 0, "
                 f"max_tries={self.max_tries} >= 1"
             )
+        if self.weight_by not in ("area", "city"):
+            raise ValueError(f"weight_by={self.weight_by!r} must be 'area' or 'city'")
         for name in ("brightness", "contrast", "saturation"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1)")
@@ -281,6 +291,15 @@ class _Field:
         return sample_field(self.grid, (xy - self.origin) * self.scale)
 
 
+def tile_probabilities(areas: np.ndarray, cities: Sequence[str], weight_by: str) -> np.ndarray:
+    """Probability of drawing each tile: by area, or each city equally and by area among its tiles."""
+    if weight_by == "area":
+        return areas / areas.sum()
+    names, index = np.unique(np.asarray(cities, dtype=object), return_inverse=True)
+    city_area = np.bincount(index, weights=areas, minlength=len(names))
+    return areas / city_area[index] / len(names)
+
+
 def _orthogonal(angle: float, flipped: bool) -> np.ndarray:
     """``A = R(angle) @ diag(1, -1 if flipped else 1)``: patch axes -> tile axes."""
     cos, sin = math.cos(angle), math.sin(angle)
@@ -304,6 +323,7 @@ class PatchSampler:
         self.cfg = cfg
         self.tiles: list[_Tile] = []
         self.tile_index: list[int] = []
+        cities: list[str] = []
         for index, tile in enumerate(tiles):
             if tile.image.ndim != 3 or tile.image.shape[2] != 3 or tile.image.dtype != np.uint8:
                 raise ValueError(
@@ -317,12 +337,13 @@ class PatchSampler:
                 continue
             self.tiles.append(_Tile(image, labels, vertices, shapely.STRtree(labels)))
             self.tile_index.append(index)
+            cities.append(tile.city)
         if not self.tiles:
             raise ValueError(
                 f"none of the {len(tiles)} tiles has a label vertex; patches need at least one labelled tile"
             )
         areas = np.array([t.image.shape[0] * t.image.shape[1] for t in self.tiles], dtype=np.float64)
-        self.tile_prob = areas / areas.sum()
+        self.tile_prob = tile_probabilities(areas, cities, cfg.weight_by)
         self.jitter = A.Compose(
             [
                 A.RandomBrightnessContrast(

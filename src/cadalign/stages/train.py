@@ -117,7 +117,7 @@ def patch_config(cfg: TrainStageConfig, ds: int, seed: int) -> PatchConfig:
 def training_tiles(cities_dir: Path, labels_dir: Path, cities: list[str]) -> list[TileData]:
     """The tiles of a label set that hold at least one polygon, as the patch sampler takes them."""
     tiles = load_labelled_tiles(cities_dir, labels_dir, cities)
-    return [TileData(image=t.tile.image, labels=t.geoms, ids=t.ids) for t in tiles if len(t.geoms)]
+    return [TileData(image=t.tile.image, labels=t.geoms, ids=t.ids, city=t.city) for t in tiles if len(t.geoms)]
 
 
 def network_seed(cfg: TrainStageConfig, round_index: int, ds: int) -> int:
