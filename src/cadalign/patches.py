@@ -3,8 +3,7 @@
 Each sample is drawn fresh (no patch files on disk):
 
 1. pick a tile (probability proportional to its area, or with ``weight_by="city"`` each
-   city equally, split by area among its tiles; tiles without labels
-   skipped) and a
+   city equally, split by area among its tiles; tiles without labels skipped) and a
    random rigid transform of the patch: rotation ``theta`` (uniform in [0, 2 pi)) and an
    optional vertical flip;
 2. pick the patch centre uniformly such that the rotation-safe crop of side
