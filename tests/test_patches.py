@@ -244,7 +244,7 @@ def test_weight_by_city_draws_each_city_equally() -> None:
     drawn = np.bincount([by_city.draw(np.random.default_rng(k)).tile for k in range(400)], minlength=4)
     # binomial: 400 draws of p = 0.5 -> sd 10; of 2/9 -> sd 8.3
     assert abs(drawn[3] - 200) < 40 and abs(drawn[0] - 400 * 2 / 9) < 34
-    with pytest.raises(ConfigError, match="weight_by='tile' must be 'area' or 'city'"):
+    with pytest.raises(ConfigError, match=r"patches\.weight_by: 'tile' is not one of \['area', 'city'\]"):
         from_dict(PatchConfig, {"weight_by": "tile"}, "params.yaml: patches")
 
 

@@ -38,6 +38,7 @@ import logging
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import albumentations as A
 import cv2
@@ -127,7 +128,7 @@ class PatchConfig:
     # How tiles are drawn: "area" (probability proportional to the tile's area) or "city" (each
     # city equally often, split by area among its tiles), so that a city with fewer or smaller
     # tiles is not a minority of the training.
-    weight_by: str = "area"
+    weight_by: Literal["area", "city"] = "area"
     seed: int = 0
 
     @property
@@ -182,8 +183,6 @@ class PatchConfig:
                 f"edge_width={self.edge_width} must be > 0, crop_slack={self.crop_slack} >= 0, "
                 f"max_tries={self.max_tries} >= 1"
             )
-        if self.weight_by not in ("area", "city"):
-            raise ValueError(f"weight_by={self.weight_by!r} must be 'area' or 'city'")
         for name in ("brightness", "contrast", "saturation"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1)")
