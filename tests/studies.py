@@ -99,9 +99,9 @@ def train_study(tmp_path: Path, tiny_city: Path) -> dict[str, Path]:
     return paths
 
 
-def run_train(p: dict[str, Path], labels: str = "round0", init: Path | None = None) -> None:
+def run_train(p: dict[str, Path], labels: str = "round0", init: Path | None = None, round_name: str = "round1") -> None:
     train.main(
-        ["--params", str(p["params"]), "--round", "round1", "--cities-dir", str(p["cities"]),
+        ["--params", str(p["params"]), "--round", round_name, "--cities-dir", str(p["cities"]),
          "--labels", str(p[labels]), "--out", str(p["models"]), "--checkpoints", str(p["ckpt"]), "--log", str(p["log"])]
         + (["--init", str(init)] if init is not None else [])
     )

@@ -84,10 +84,20 @@ def test_round_without_model_fails_clearly(similarity_study: dict[str, Path], tm
     assert not (tmp_path / "out").exists()
 
 
-def test_ds_must_be_a_trained_factor(similarity_study: dict[str, Path], tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (("ds: 1", "ds: 8"), r"similarity.ds = 8 is not trained in every round .*share \[2, 1\]"),
+        # a network that some round does not train cannot be compared across rounds
+        (("factors: [2, 1]", "factors: [2, 1]\n  round_factors: {round3: [1]}\n"), r"similarity.ds = 2 is not trained .*share \[1\]"),
+    ],
+)
+def test_ds_must_be_a_trained_factor(
+    similarity_study: dict[str, Path], tmp_path: Path, edit: tuple[str, str], message: str
+) -> None:
     params = tmp_path / "params.yaml"
-    params.write_text(SIM_PARAMS.replace("ds: 1", "ds: 8"))
-    with pytest.raises(ValueError, match=r"similarity.ds = 8 is not one of train.factors"):
+    params.write_text(SIM_PARAMS.replace(*edit).replace("ds: 1", "ds: 2"))
+    with pytest.raises(ValueError, match=message):
         analyze.main(
             ["--params", str(params), "--round", "round1", "--cities-dir", str(similarity_study["cities"]),
              "--truth", str(similarity_study["truth"]), "--labels", str(similarity_study["round0"]),

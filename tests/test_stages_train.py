@@ -96,6 +96,29 @@ def test_warm_start_needs_matching_networks(warm: dict[str, Path]) -> None:
         run_train(warm, init=warm["init"])
 
 
+def test_factors_of_a_round_and_those_every_round_shares() -> None:
+    cfg = train.TrainStageConfig(factors=(2, 4, 1), round_factors={"round2": (1, 2), "round3": (8, 2, 1)})
+    assert cfg.factors_of("round1") == (4, 2, 1) and cfg.factors_of("round2") == (2, 1)
+    assert cfg.shared_factors == (2, 1)
+    assert train.TrainStageConfig(factors=(4, 2)).shared_factors == (4, 2)
+
+
+def test_round_factors_set_the_networks_of_named_rounds(warm: dict[str, Path]) -> None:
+    text = warm["params"].read_text().replace("  warm_start: true\n", "  warm_start: true\n  round_factors: {round2: [1]}\n")
+    warm["params"].write_text(text)
+    run_train(warm, init=warm["init"], round_name="round2")
+    assert sorted(f.name for f in warm["models"].iterdir()) == ["ds1.pt"]
+    rows = [r.split(",") for r in warm["log"].read_text().splitlines()[1:]]
+    assert {(r[0], r[1]) for r in rows} == {("round2", "1")}
+    # warm-started from the previous round's ds-1 network, as without round_factors
+    assert max_weight_diff(load_model(warm["models"] / "ds1.pt"), load_model(warm["init"] / "ds1.pt")) < 1e-9
+    run_train(warm, init=warm["init"], round_name="round3")  # a round not named trains train.factors
+    assert sorted(f.name for f in warm["models"].iterdir()) == ["ds1.pt", "ds2.pt"]
+    warm["params"].write_text(text.replace("{round2: [1]}", "{round2: [2, 2]}"))
+    with pytest.raises(ValueError, match=r"params.yaml: train: round_factors.round2 = \[2, 2\]; list distinct"):
+        run_train(warm, init=warm["init"], round_name="round2")
+
+
 @pytest.mark.parametrize("warm_start", [True, False])
 def test_grow_starts_finer_networks_from_the_coarser_one(
     warm: dict[str, Path], warm_start: bool, caplog: pytest.LogCaptureFixture

@@ -60,8 +60,8 @@ logger = logging.getLogger(__name__)
 class SimilarityConfig:
     """The ``similarity`` section of params.yaml."""
 
-    # Downsampling factor of the analysed network; None = the coarsest of train.factors
-    # (the reference analysed ds 4 of 8, 4, 2, 1).
+    # Downsampling factor of the analysed network; None = the coarsest factor every round
+    # trains (train.factors, train.round_factors); the reference analysed ds 4 of 8, 4, 2, 1.
     ds: int | None = None
     # Input window side (px at ds), rounded to the nearest valid network input (reference 124).
     patch_size: int = 124
@@ -92,7 +92,7 @@ class SimilarityConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.ds is not None and self.ds < 1:
-            raise ValueError(f"ds={self.ds} must be >= 1 or null (the coarsest of train.factors)")
+            raise ValueError(f"ds={self.ds} must be >= 1 or null (the coarsest factor every round trains)")
         if any(a <= 0 for a in self.alphas):
             raise ValueError(f"alphas={list(self.alphas)} must be > 0")
         if self.cache_gb < 0:
@@ -367,9 +367,18 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     cfg = load_section(args.params, "similarity", SimilarityConfig)
     train_cfg = load_section(args.params, "train", TrainStageConfig)
-    ds = cfg.ds if cfg.ds is not None else max(train_cfg.factors)
-    if ds not in train_cfg.factors:
-        raise ValueError(f"similarity.ds = {ds} is not one of train.factors {list(train_cfg.factors)}")
+    shared = train_cfg.shared_factors
+    if not shared:
+        raise ValueError(
+            f"{args.params}: train.factors and train.round_factors have no factor in common, so no network "
+            "of every round can be compared; keep one factor (e.g. 2) in each list"
+        )
+    ds = cfg.ds if cfg.ds is not None else shared[0]
+    if ds not in shared:
+        raise ValueError(
+            f"{args.params}: similarity.ds = {ds} is not trained in every round (train.factors and "
+            f"train.round_factors share {list(shared)}); set similarity.ds to one of them"
+        )
     model_path = args.models / f"ds{ds}.pt"
     if not model_path.is_file():
         raise FileNotFoundError(

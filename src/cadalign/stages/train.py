@@ -13,7 +13,9 @@ network; round 1: the initialize stage's) instead of a fresh initialisation.
 With ``train.cascade`` each finer network trains on the labels as the round's coarser
 networks realign them (``realign.window`` settings), the residual it meets in the chain.
 With ``train.grow`` a finer network that has no network of its factor to start from starts
-from the next coarser network the round just trained.
+from the next coarser network the round just trained. ``train.round_factors`` gives
+named rounds other factors than ``train.factors`` (the realign stage uses every network the
+round wrote).
 
 Usage (DDP: ``torchrun --nproc_per_node N -m cadalign.stages.train ...``)::
 
@@ -86,13 +88,28 @@ class TrainStageConfig:
     # starts from the next coarser network the round just trained. A ds-1 network does not
     # learn from scratch in a short CPU run; started from the ds-2 network it does.
     grow: bool = False
+    # Factors of named rounds in place of ``factors`` (e.g. {round2: [2, 1]}): once the labels
+    # are good, a coarse network's own error is larger than what is left for it to correct.
+    # With train.warm_start each must be among the previous round's networks (or grown).
+    round_factors: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     def validate(self) -> None:
         default = PatchConfig()
         if (self.patches.input_size, self.patches.output_size) != (default.input_size, default.output_size):
             raise ValueError("patches.input_size/output_size are derived; set train.input_size instead")
-        if not self.factors or min(self.factors) < 1 or len(set(self.factors)) != len(self.factors):
-            raise ValueError(f"factors = {list(self.factors)}; list distinct downsampling factors >= 1, e.g. [4, 2, 1]")
+        for key, factors in [("factors", self.factors)] + [(f"round_factors.{r}", f) for r, f in self.round_factors.items()]:
+            if not factors or min(factors) < 1 or len(set(factors)) != len(factors):
+                raise ValueError(f"{key} = {list(factors)}; list distinct downsampling factors >= 1, e.g. [4, 2, 1]")
+
+    def factors_of(self, round_name: str) -> tuple[int, ...]:
+        """The factors round ``round_name`` trains (and so realigns with), coarse to fine."""
+        return tuple(sorted(self.round_factors.get(round_name, self.factors), reverse=True))
+
+    @property
+    def shared_factors(self) -> tuple[int, ...]:
+        """The factors every round trains, coarse to fine (those whose networks can be compared)."""
+        shared = set(self.factors).intersection(*self.round_factors.values())
+        return tuple(sorted(shared, reverse=True))
 
 
 def patch_config(cfg: TrainStageConfig, ds: int, seed: int) -> PatchConfig:
@@ -238,7 +255,7 @@ def main(argv: list[str] | None = None) -> None:
         with out_dir as out_tmp:
             out_tmp.mkdir(exist_ok=True)
             trained: list[torch.nn.Module] = []  # this round's networks so far, coarse to fine
-            factors = sorted(cfg.factors, reverse=True)
+            factors = cfg.factors_of(args.round)
             for i, ds in enumerate(factors):
                 seed = network_seed(cfg, round_index, ds)
                 pcfg = patch_config(cfg, ds, seed)
