@@ -54,6 +54,7 @@ train:
   patches: {keep_prob: 1.0}
   warm_start: true
   grow: true
+  round_factors: {round3: [2]}  # round 3 trains (and realigns with) ds 2 alone
 realign:
   device: auto
   window: {output_size: 16, batch_size: 8, progress: false}

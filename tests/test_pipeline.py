@@ -31,7 +31,9 @@ def test_dvc_repro_whole_study(tmp_path, monkeypatch) -> None:
     assert "data/eval/round3/metrics.json" in json.dumps(shown)
     for fig in ("accuracy.png", "overlay.png"):
         assert (proj / "data" / "figures" / fig).read_bytes()[:4] == b"\x89PNG"
-    assert (proj / "data" / "models" / "round3" / "ds1.pt").is_file()
+    assert sorted(p.name for p in (proj / "data" / "models" / "round2").iterdir()) == ["ds1.pt", "ds2.pt"]
+    # train.round_factors: round 3 has the ds-2 network alone (realign@round3 uses what the round wrote)
+    assert [p.name for p in (proj / "data" / "models" / "round3").iterdir()] == ["ds2.pt"]
     # train.grow: round 1 starts from the coarsest network only
     assert [p.name for p in (proj / "data" / "models" / "round0").iterdir()] == ["ds2.pt"]
     changes = json.loads((proj / "data" / "eval" / "changes" / "metrics.json").read_text())
@@ -53,7 +55,8 @@ def test_dvc_repro_whole_study(tmp_path, monkeypatch) -> None:
             "analyze@round2", "compare", "contrast"} <= stages
     train3 = next(r for r in runs if r.info.run_name == "train@round3")
     assert train3.data.tags["mlflow.parentRunId"] == study[0].info.run_id
-    assert client.get_metric_history(train3.info.run_id, "ds1.loss")  # per-step losses
+    assert client.get_metric_history(train3.info.run_id, "ds2.loss")  # per-step losses (round 3: ds 2 alone)
+    assert not client.get_metric_history(train3.info.run_id, "ds1.loss")
 
     # a rerun from scratch writes the same bytes, so the same DVC hashes, for every output
     # but those that hold timings: the training logs (throughput) and the similarity metrics
