@@ -90,6 +90,7 @@ def test_round_without_model_fails_clearly(similarity_study: dict[str, Path], tm
         (("ds: 1", "ds: 8"), r"similarity.ds = 8 is not trained in every round .*share \[2, 1\]"),
         # a network that some round does not train cannot be compared across rounds
         (("factors: [2, 1]", "factors: [2, 1]\n  round_factors: {round3: [1]}\n"), r"similarity.ds = 2 is not trained .*share \[1\]"),
+        (("factors: [2, 1]", "factors: [2, 1]\n  round_factors: {round3: [4]}\n"), r"have no factor in common.*keep one"),
     ],
 )
 def test_ds_must_be_a_trained_factor(
