@@ -14,7 +14,7 @@ from conftest import max_weight_diff
 from studies import run_train
 
 from cadalign.align import realign as align
-from cadalign.config import load_section
+from cadalign.config import ConfigError, load_section
 from cadalign.geo.polygons import read_polygons, write_polygons
 from cadalign.model import AlignNet
 from cadalign.stages import initialize, realign, train
@@ -105,6 +105,11 @@ def test_factors_of_a_round_and_those_every_round_shares() -> None:
 
 def test_round_factors_set_the_networks_of_named_rounds(warm: dict[str, Path]) -> None:
     text = warm["params"].read_text().replace("  warm_start: true\n", "  warm_start: true\n  round_factors: {round2: [1]}\n")
+    rounds = "rounds: {round1: round0, round2: round1, round3: round2}\n"
+    warm["params"].write_text(text)
+    with pytest.raises(ConfigError, match=r"params.yaml: train.round_factors names rounds but there is no 'rounds'"):
+        run_train(warm, init=warm["init"], round_name="round2")
+    text += rounds
     warm["params"].write_text(text)
     run_train(warm, init=warm["init"], round_name="round2")
     assert sorted(f.name for f in warm["models"].iterdir()) == ["ds1.pt"]
@@ -114,6 +119,9 @@ def test_round_factors_set_the_networks_of_named_rounds(warm: dict[str, Path]) -
     assert max_weight_diff(load_model(warm["models"] / "ds1.pt"), load_model(warm["init"] / "ds1.pt")) < 1e-9
     run_train(warm, init=warm["init"], round_name="round3")  # a round not named trains train.factors
     assert sorted(f.name for f in warm["models"].iterdir()) == ["ds1.pt", "ds2.pt"]
+    warm["params"].write_text(text.replace("{round2: [1]}", "{Round2: [1]}"))  # a typo would train train.factors
+    with pytest.raises(ConfigError, match=r"train.round_factors.Round2 names no round of 'rounds' \(round1, round2, round3\)"):
+        run_train(warm, init=warm["init"], round_name="round2")
     warm["params"].write_text(text.replace("{round2: [1]}", "{round2: [2, 2]}"))
     with pytest.raises(ValueError, match=r"params.yaml: train: round_factors.round2 = \[2, 2\]; list distinct"):
         run_train(warm, init=warm["init"], round_name="round2")

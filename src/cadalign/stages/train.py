@@ -42,7 +42,7 @@ import torch
 
 from cadalign.align import AlignConfig, realign
 from cadalign.atomic import atomic_path, write_text
-from cadalign.config import load_cities, load_section
+from cadalign.config import ConfigError, load_cities, load_section, read_params
 from cadalign.geo.labels import label_files, load_labelled_tiles
 from cadalign.model import AlignNet, LossConfig, ModelConfig
 from cadalign.patches import PatchConfig, PatchDataset, TileData
@@ -214,6 +214,24 @@ def initial_network(init_dir: Path, ds: int, cfg: TrainStageConfig) -> Path:
     return path
 
 
+def check_round_names(params: Path, cfg: TrainStageConfig) -> None:
+    """Refuse ``train.round_factors`` keys that name no round of ``rounds`` (a typo would train ``factors``)."""
+    if not cfg.round_factors:
+        return
+    rounds = read_params(params).get("rounds")
+    if not isinstance(rounds, dict) or not rounds:
+        raise ConfigError(
+            f"{params}: train.round_factors names rounds but there is no 'rounds' mapping; add one, "
+            "e.g. rounds: {round1: round0, round2: round1, round3: round2}"
+        )
+    for name in cfg.round_factors:
+        if name not in rounds:
+            raise ConfigError(
+                f"{params}: train.round_factors.{name} names no round of 'rounds' ({', '.join(map(str, rounds))}); "
+                "rename the key to one of them"
+            )
+
+
 def _checkpoint_for(ckpt_dir: Path, ds: int, stamp: str) -> Path:
     """The checkpoint path of factor ``ds``, cleared if it was made for other inputs."""
     ckpt = ckpt_dir / f"ds{ds}.ckpt"
@@ -240,6 +258,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     setup_logging()
     cfg = load_section(args.params, "train", TrainStageConfig)
+    check_round_names(args.params, cfg)
     if cfg.warm_start and args.init is None:
         raise ValueError(f"{args.params}: train.warm_start is true; pass --init <the previous round's networks>")
     window = load_section(args.params, "realign", RealignStageConfig).window if cfg.cascade else None
