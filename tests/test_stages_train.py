@@ -105,11 +105,10 @@ def test_factors_of_a_round_and_those_every_round_shares() -> None:
 
 def test_round_factors_set_the_networks_of_named_rounds(warm: dict[str, Path]) -> None:
     text = warm["params"].read_text().replace("  warm_start: true\n", "  warm_start: true\n  round_factors: {round2: [1]}\n")
-    rounds = "rounds: {round1: round0, round2: round1, round3: round2}\n"
     warm["params"].write_text(text)
     with pytest.raises(ConfigError, match=r"params.yaml: train.round_factors names rounds but there is no 'rounds'"):
         run_train(warm, init=warm["init"], round_name="round2")
-    text += rounds
+    text += "rounds: {round1: round0, round2: round1, round3: round2}\n"
     warm["params"].write_text(text)
     run_train(warm, init=warm["init"], round_name="round2")
     assert sorted(f.name for f in warm["models"].iterdir()) == ["ds1.pt"]
