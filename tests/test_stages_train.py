@@ -126,6 +126,16 @@ def test_round_factors_set_the_networks_of_named_rounds(warm: dict[str, Path]) -
         run_train(warm, init=warm["init"], round_name="round2")
 
 
+def test_round_factors_of_the_first_round_start_from_the_initialize_stage(warm: dict[str, Path]) -> None:
+    text = warm["params"].read_text().replace("  warm_start: true\n", "  warm_start: true\n  grow: true\n  round_factors: {round1: [1]}\n")
+    warm["params"].write_text(text + "rounds: {round1: round0, round2: round1}\n")
+    initialize.main(["--params", str(warm["params"]), "--out", str(warm["init"])])
+    assert sorted(f.name for f in warm["init"].iterdir()) == ["ds1.pt"]  # round 1's coarsest (and only) factor
+    run_train(warm, init=warm["init"])
+    assert sorted(f.name for f in warm["models"].iterdir()) == ["ds1.pt"]
+    assert max_weight_diff(load_model(warm["models"] / "ds1.pt"), load_model(warm["init"] / "ds1.pt")) < 1e-9
+
+
 @pytest.mark.parametrize("warm_start", [True, False])
 def test_grow_starts_finer_networks_from_the_coarser_one(
     warm: dict[str, Path], warm_start: bool, caplog: pytest.LogCaptureFixture
