@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import shutil
 from pathlib import Path
@@ -101,3 +102,50 @@ def test_dvc_yaml_names_every_round_of_params() -> None:
     assert [d.split("/")[2] for d in contrast["deps"] if d.startswith("data/eval/")] == ["round0", *rounds]
     (accuracy,) = [p["accuracy"] for p in dvc["plots"] if isinstance(p, dict) and "accuracy" in p]
     assert list(accuracy["y"]) == [f"data/eval/{r}/accuracy.csv" for r in ["round0", *rounds]]
+
+
+def _module_file(src: Path, name: str) -> Path | None:
+    path = src / Path(*name.split("."))
+    if (path / "__init__.py").is_file():
+        return path / "__init__.py"
+    return path.with_suffix(".py") if path.with_suffix(".py").is_file() else None
+
+
+def _package_imports(src: Path, module: str) -> set[Path]:
+    """Files of the cadalign modules ``module`` imports, directly or not (function-level imports too)."""
+    seen: set[str] = set()
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        tree = ast.parse(_module_file(src, name).read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+            else:
+                continue
+            for full in names:
+                parts = full.split(".")
+                todo += [".".join(parts[:i]) for i in range(2, len(parts) + 1) if parts[0] == "cadalign"
+                         and _module_file(src, ".".join(parts[:i]))]
+    return {_module_file(src, name).relative_to(src.parent) for name in seen}
+
+
+def test_stage_deps_are_the_package_code_it_imports() -> None:
+    """Each stage's src/ deps cover every cadalign module it imports (so DVC reruns it), and name nothing else."""
+    repo = Path(__file__).resolve().parents[1]
+    stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
+    assert {"fetch", "misalign", "train", "realign", "analyze"} <= set(stages)
+    for name, stage in stages.items():
+        body = stage.get("do", stage)
+        module = body["cmd"].split("python -m ")[1].split()[0]
+        files = {f for f in _package_imports(repo / "src", module) if (repo / f).read_text().strip()}  # not empty __init__s
+        deps = [Path(d) for d in body["deps"] if d.startswith("src/")]
+        covered = {f for f in files if any(f == d or d in f.parents for d in deps)}
+        assert covered == files, f"{name}: add {sorted(map(str, files - covered))} to its deps in dvc.yaml"
+        unused = [d for d in deps if not any(f == d or d in f.parents for f in files)]
+        assert not unused, f"{name}: {unused} in its deps in dvc.yaml, but the stage does not import them"
