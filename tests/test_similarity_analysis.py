@@ -99,6 +99,9 @@ def test_nearest_valid_input_size() -> None:
     assert analysis.nearest_valid_input_size(valid, 123) == 124
     with pytest.raises(ValueError, match="no valid network input size"):
         analysis.nearest_valid_input_size(lambda s: False, 50, search=3)
+    net = _tiny_net(0)  # valid inputs: even sizes >= 26
+    assert analysis.nearest_network_input_size(net, 31) == 30
+    assert net.output_size(analysis.nearest_network_input_size(net, 7)) >= 1
 
 
 @pytest.mark.parametrize("output", ["sum", "center"])

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import NamedTuple
 
 import pytest
 import torch
 from torch import Tensor, nn
 
+from cadalign.config import from_dict, read_params
+from cadalign.model import AlignNet, ModelConfig
+from cadalign.similarity import grads
 from cadalign.similarity.grads import (
     UnsupportedForHooks,
     alignment_output_fn,
@@ -152,3 +156,45 @@ def test_iter_grad_chunks_streams_the_same_gradients(fake: FakeAlignNet) -> None
     chunks = list(iter_grad_chunks(fake, params, inputs, fn, chunk_size=2))
     assert [c.shape[0] for c in chunks] == [2, 2, 1]
     torch.testing.assert_close(torch.cat(chunks), per_sample_grads(fake, params, inputs, fn))
+
+
+def _study_net(dtype: torch.dtype) -> AlignNet:
+    """The network the study analyses: train.model of the repository's params.yaml."""
+    params = Path(__file__).resolve().parents[1] / "params.yaml"
+    cfg = from_dict(ModelConfig, read_params(params)["train"]["model"], where=f"{params}: train.model")
+    assert cfg.norm == "group"  # the case the hooks must cover
+    with torch.random.fork_rng():
+        torch.manual_seed(3)
+        net = AlignNet(cfg).to(dtype).eval()
+    with torch.no_grad():  # trained-like affine GroupNorm parameters, not the 1 / 0 of a fresh net
+        for module in net.modules():
+            if isinstance(module, nn.GroupNorm):
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.3, 0.3)
+    return net
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 2e-6), (torch.float64, 1e-12)])
+@pytest.mark.parametrize("mode", ["center", "sum"])
+def test_hooks_equal_vmap_on_the_study_network_with_groupnorm(
+    dtype: torch.dtype, tol: float, mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    net = _study_net(dtype)
+    size = net.input_size(6)  # a small patch: the widths and GroupNorm groups are the study's
+    image, polys = _inputs(3, size, seed=6)
+    inputs = (image.to(dtype), polys.to(dtype))
+    params = net.disp_parameters()
+    norm_params = {id(m.weight) for m in net.modules() if isinstance(m, nn.GroupNorm)}
+    assert norm_params <= {id(p) for _, p in params}  # GroupNorm's affine parameters are differentiated
+    fn = alignment_output_fn(mode)  # type: ignore[arg-type]
+    want = per_sample_grads(net, params, inputs, fn, chunk_size=2, method="vmap")
+
+    def no_vmap(*args: object) -> Tensor:
+        raise AssertionError("auto fell back to vmap")
+
+    monkeypatch.setattr(grads, "_vmap_grads", no_vmap)  # auto must take the hooks path
+    got = per_sample_grads(net, params, inputs, fn, chunk_size=2, method="auto")
+    scale = want.abs().max()
+    assert got.dtype == dtype and scale > 0
+    torch.testing.assert_close(got, want, rtol=0, atol=tol * float(scale))

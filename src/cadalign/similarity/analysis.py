@@ -86,6 +86,31 @@ def nearest_valid_input_size(is_valid: Callable[[int], bool], size: int, search:
     raise ValueError(f"no valid network input size within {search} px of {size}; check similarity.patch_size")
 
 
+def nearest_network_input_size(model: nn.Module, size: int) -> int:
+    """:func:`nearest_valid_input_size` for a network with an ``output_size(input)`` method.
+
+    Args:
+        model: E.g. an ``AlignNet``, whose ``output_size`` raises ValueError for an
+            invalid input size.
+        size: Wanted input side in pixels.
+
+    Returns:
+        The nearest valid input side.
+
+    Raises:
+        ValueError: as :func:`nearest_valid_input_size`.
+    """
+
+    def valid(cand: int) -> bool:
+        try:
+            model.output_size(cand)
+        except ValueError:
+            return False
+        return True
+
+    return nearest_valid_input_size(valid, size)
+
+
 def grid_windows(height: int, width: int, size: int) -> np.ndarray:
     """Top-left corners of a non-overlapping grid of ``size x size`` windows inside an image.
 

@@ -17,10 +17,13 @@ Three implementations, equal up to float rounding:
   input (``torch.nn.functional.unfold``; for a transposed convolution, of the input with
   the unfolded output gradient; on CPU, for maps of >= 256 pixels, the same product as one
   grouped convolution, one group per sample, ~3x faster there), the bias gradient its
-  spatial sum; all ``d`` outputs share one unfold per layer. It needs every
-  selected parameter to be the weight or bias of a ``Linear``, ``Conv2d`` or
-  ``ConvTranspose2d`` layer (groups 1, zero padding) and the layer inputs not to be
-  modified in place afterwards; ``"auto"`` falls back to ``"vmap"`` otherwise.
+  spatial sum; all ``d`` outputs share one unfold per layer. For a ``GroupNorm`` layer
+  (``y = xhat * w + b``, ``xhat`` the input normalised per sample and group) the weight
+  gradient is the spatial sum of ``xhat * grad_y`` per channel, with ``xhat`` recomputed
+  from the kept input, and the bias gradient the spatial sum of ``grad_y``. It needs
+  every selected parameter to be the weight or bias of a ``Linear``, ``Conv2d``,
+  ``ConvTranspose2d`` (groups 1, zero padding) or ``GroupNorm`` layer and the layer inputs
+  not to be modified in place afterwards; ``"auto"`` falls back to ``"vmap"`` otherwise.
 - ``"vmap"``: ``torch.func.vmap`` over ``torch.func.jacrev`` of ``functional_call``; works
   for any differentiable model.
 - :func:`per_sample_grads_loop`: one forward and ``d`` backward passes per sample; the
@@ -30,12 +33,12 @@ Samples must not interact: batch-norm in training mode (batch statistics) and dr
 would make "per-sample" gradients ill-defined, so a model in training mode containing
 such layers is refused; call ``model.eval()`` first.
 
-Default (``"auto"`` = hooks where supported): with ``bench/bench_similarity.py`` on the
-shared 2-core CPU (AlignNet reference widths, 124 px, one thread) both batched paths reach
-the 1/d ceiling of a training step, hooks 4.9-5.1 samples/s and vmap 4.2-5.4 (a tie within
-the noise), the loop 3.6; under CPU contention hooks kept 15 samples/s where vmap fell to 9
-(small widths). The reference H100 figures also favour per-layer capture (320 vs 272
-samples/s), and vmap pays a tracing cost on its first call.
+Default (``"auto"`` = hooks where supported, which includes the study's network with
+``train.model.norm: group``): with ``bench/bench_similarity.py`` on the shared 2-core CPU,
+one thread, the study's network at 124 px, both batched paths and the loop run at the 1/d
+ceiling of a training step (hooks 17.7-18.4 patches/s, vmap 18.3-18.9, loop 18.0, ceiling
+17.9: a tie within the noise). The reference H100 figures favour per-layer capture (320 vs
+272 samples/s), and vmap pays a tracing cost on its first call, so hooks stay the default.
 """
 
 from __future__ import annotations
@@ -247,20 +250,24 @@ def _vmap_grads(
     return result
 
 
+_HOOK_LAYERS = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear, nn.GroupNorm)
+
+
 def _hook_layers(model: nn.Module, params: ParamList) -> dict[nn.Module, list[tuple[str, int]]]:
     """Map each layer owning selected parameters to ``[(kind, index in params)]``."""
     owners: dict[int, tuple[nn.Module, str]] = {}
     for module in model.modules():
-        if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+        if isinstance(module, _HOOK_LAYERS):
             for kind in ("weight", "bias"):
-                p = getattr(module, kind)
+                p = getattr(module, kind, None)
                 if p is not None:
                     owners[id(p)] = (module, kind)
     layers: dict[nn.Module, list[tuple[str, int]]] = {}
     for i, (name, p) in enumerate(params):
         if id(p) not in owners:
             raise UnsupportedForHooks(
-                f"parameter {name!r} is not the weight/bias of a Linear, Conv2d or ConvTranspose2d layer"
+                f"parameter {name!r} is not the weight/bias of a Linear, Conv2d, ConvTranspose2d "
+                "or GroupNorm layer"
             )
         module, kind = owners[id(p)]
         if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)) and (
@@ -299,7 +306,7 @@ def _conv_weight_grads(module: nn.Conv2d, inp: Tensor, gout: Tensor) -> Tensor:
 
 
 def _layer_grads(module: nn.Module, inp: Tensor, gout: Tensor) -> dict[str, Tensor]:
-    """Per-sample gradients ``(b, d, numel)`` of one call of a Linear/Conv2d/ConvTranspose2d layer.
+    """Per-sample gradients ``(b, d, numel)`` of one call of a Linear/Conv2d/ConvTranspose2d/GroupNorm layer.
 
     Args:
         module: The layer.
@@ -310,6 +317,12 @@ def _layer_grads(module: nn.Module, inp: Tensor, gout: Tensor) -> dict[str, Tens
         ``{"weight": ..., "bias": ...}``.
     """
     b, d = gout.shape[:2]
+    if isinstance(module, nn.GroupNorm):
+        # y = xhat * w + b per channel, xhat the input normalised per sample and group
+        # (no affine); recomputed here rather than kept, so the forward pass stores nothing more.
+        xhat = F.group_norm(inp, module.num_groups, eps=module.eps).flatten(2)  # (b, C, L)
+        g = gout.flatten(3)  # (b, d, C, L)
+        return {"weight": torch.einsum("bdcl,bcl->bdc", g, xhat), "bias": g.sum(3)}
     if isinstance(module, nn.ConvTranspose2d):
         # y = conv_transpose(x, w): dy/dw[c, (o, u, v)] = sum_l x[c, l] * unfold(g)[(o, u, v), l]
         cols = F.unfold(

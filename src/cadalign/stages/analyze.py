@@ -215,14 +215,7 @@ def build_patch_set(
 
 
 def _window_size(model: AlignNet, wanted: int) -> tuple[int, int]:
-    def valid(size: int) -> bool:
-        try:
-            model.output_size(size)
-        except ValueError:
-            return False
-        return True
-
-    size = analysis.nearest_valid_input_size(valid, wanted)
+    size = analysis.nearest_network_input_size(model, wanted)
     if size != wanted:
         logger.info("similarity.patch_size %d is not a valid network input; using %d", wanted, size)
     return size, (size - model.output_size(size)) // 2
