@@ -13,7 +13,7 @@ from torch import nn
 from cadalign.model import AlignNet, ModelConfig
 from cadalign.similarity import analysis
 from cadalign.similarity.grads import alignment_output_fn, per_sample_grads_loop
-from cadalign.similarity.kernels import k_trace, normalized_kernel
+from cadalign.similarity.kernels import k_rot, k_trace, normalized_kernel
 
 TINY = ModelConfig(image_widths=(4, 8), poly_widths=(2, 4), deep_supervision_levels=1)
 SIZE = 30  # valid input of the 2-level net: output 6
@@ -35,10 +35,10 @@ def _inputs(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return image, polys
 
 
-def _brute_kc(model: nn.Module, inputs: tuple[torch.Tensor, ...], output: str) -> np.ndarray:
-    """All-pairs k^C from the per-sample loop and the pairwise normalised kernel."""
+def _brute_kc(model: nn.Module, inputs: tuple[torch.Tensor, ...], output: str, rot: bool = False) -> np.ndarray:
+    """All-pairs k^C (or k^{C,rot}) from the per-sample loop and the pairwise normalised kernel."""
     g = per_sample_grads_loop(model, model.disp_parameters(), inputs, alignment_output_fn(output)).double()
-    return k_trace(normalized_kernel(g[:, None], g[None, :])).numpy()
+    return (k_rot if rot else k_trace)(normalized_kernel(g[:, None], g[None, :])).numpy()
 
 
 def test_grid_windows_tile_the_image_without_overlap() -> None:
@@ -118,6 +118,9 @@ def test_analyse_equals_brute_force(output: str, cache_bytes: int) -> None:
     np.testing.assert_allclose(np.diag(kc), 1.0, atol=1e-6)  # k^C(x, x) = 1
     np.testing.assert_allclose(res.n_s, kc.sum(1), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(res.counts["N_S"], kc.sum(1), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(res.n_s, res.counts["N_S"], rtol=0, atol=1e-10)  # same gradients, float64
+    krot = _brute_kc(model, inputs, output, rot=True)
+    np.testing.assert_allclose(res.counts["N_S_rot"], krot.sum(1), rtol=1e-4, atol=1e-4)
     want_alpha = (np.clip(kc, 0, None) ** 2).sum(1)
     np.testing.assert_allclose(res.counts["N_alpha_2"], want_alpha, rtol=1e-4, atol=1e-4)
     far = np.abs(kc - 0.5) > 1e-4  # decisions away from the threshold only
@@ -160,8 +163,11 @@ def test_zero_gradient_patch_warns_and_stays_finite(caplog: pytest.LogCaptureFix
     assert "zero output gradient" in caplog.text
     assert res.degenerate.tolist() == [True, False, False, False]
     assert res.n_s[0] == pytest.approx(1.0)  # itself only
-    assert np.all(np.isfinite(res.n_s)) and np.all(np.isfinite(res.counts["N_S"]))
-    assert analysis.summary_metrics(res)["n_zero_gradient"] == 1
+    assert all(np.all(np.isfinite(v)) for v in [res.n_s, *res.counts.values()])
+    assert res.counts["N_S_rot"][0] == 1.0 and res.counts["N_tau_rot_0.9"][0] == 1  # itself only
+    assert res.knn.values[0].tolist() == [0.0, 0.0]  # a zero-gradient query: k^C 0 to the others
+    m = analysis.summary_metrics(res)
+    assert m["n_zero_gradient"] == 1 and all(np.isfinite(v) for v in m.values())
 
 
 def test_ns_histogram_and_summary() -> None:
@@ -194,4 +200,6 @@ def test_summary_metrics_against_numpy() -> None:
     kc = _brute_kc(model, inputs, "center")
     frac = [np.mean(np.delete(kc[q], q) >= 0.9) for q in (1, 2)]
     assert m["query_frac_above"] == pytest.approx(np.mean(frac), abs=0.21)  # bin resolution, 5 others
-    assert m["ns_pairwise_max_abs_diff"] < 1e-4
+    assert m["ns_pairwise_max_abs_diff"] < 1e-10
+    assert m["N_S_rot_median"] == pytest.approx(np.median(res.counts["N_S_rot"]))
+    assert m["N_S_rot_mean"] >= m["N_S_mean"]  # k^{C,rot} >= k^C pair by pair

@@ -7,10 +7,12 @@ import logging
 import numpy as np
 import pytest
 import scipy.linalg
+import scipy.optimize
 import torch
 
 from cadalign.similarity.density import (
     all_neighbour_counts,
+    count_keys,
     nearest_neighbours,
     neighbour_counts,
     soft_counts_linear,
@@ -26,18 +28,52 @@ def _dataset(n: int, p: int, d: int, seed: int) -> torch.Tensor:
     return common * scale + torch.randn(n, p, d, generator=gen, dtype=torch.float64)
 
 
-def _brute_kc(g: np.ndarray) -> np.ndarray:
-    """(n, n) matrix of k^C = tr(C^-1/2 K C'^-1/2) / d via scipy, zero-gradient rows 0 / self 1."""
+def _brute_kernels(g: np.ndarray) -> np.ndarray:
+    """(n, n, d, d) K^C = C^-1/2 K C'^-1/2 via scipy's sqrtm; 0 for a zero gradient."""
     n, _, d = g.shape
     r = []
     for i in range(n):
         c = g[i].T @ g[i]
         r.append(np.zeros((d, d)) if not c.any() else np.linalg.inv(scipy.linalg.sqrtm(c).real))
-    k = np.array([[np.trace(r[i] @ g[i].T @ g[j] @ r[j]) / d for j in range(n)] for i in range(n)])
-    for i in range(n):
+    return np.array([[r[i] @ g[i].T @ g[j] @ r[j] for j in range(n)] for i in range(n)])
+
+
+def _self_one(k: np.ndarray, g: np.ndarray) -> np.ndarray:
+    for i in range(len(g)):
         if not g[i].any():
-            k[i, i] = 1.0
+            k[i, i] = 1.0  # a zero-gradient sample is similar to itself only
     return k
+
+
+def _brute_kc(g: np.ndarray) -> np.ndarray:
+    """(n, n) matrix of k^C = tr(C^-1/2 K C'^-1/2) / d via scipy, zero-gradient rows 0 / self 1."""
+    kc = _brute_kernels(g)
+    return _self_one(np.trace(kc, axis1=2, axis2=3) / g.shape[2], g)
+
+
+def _best_rotation(m: np.ndarray) -> float:
+    """max over rotations R of tr(M R) / 2, by a grid of angles refined with a bounded search."""
+
+    def minus_trace(theta: float) -> float:
+        rot = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
+        return -np.trace(m @ rot) / 2
+
+    grid = np.linspace(-np.pi, np.pi, 3601)
+    c, s = np.cos(grid), np.sin(grid)
+    rots = np.stack([np.stack([c, -s], -1), np.stack([s, c], -1)], -2)  # (angles, 2, 2)
+    start = grid[np.argmax(np.einsum("ij,tji->t", m, rots))]
+    step = grid[1] - grid[0]
+    best = scipy.optimize.minimize_scalar(
+        minus_trace, bounds=(start - step, start + step), method="bounded", options={"xatol": 1e-12}
+    )
+    return -float(best.fun)
+
+
+def _brute_krot(g: np.ndarray) -> np.ndarray:
+    """(n, n) rotation-invariant k^C: K^C aligned by the best rotation of the output plane."""
+    kc = _brute_kernels(g)
+    n = len(g)
+    return _self_one(np.array([[_best_rotation(kc[i, j]) for j in range(n)] for i in range(n)]), g)
 
 
 def _chunks(g: torch.Tensor, size: int) -> list[torch.Tensor]:
@@ -50,6 +86,16 @@ def test_linear_soft_count_equals_pairwise_sum() -> None:
     linear = soft_counts_linear(_chunks(g, 5))
     np.testing.assert_allclose(linear.n_s.numpy(), brute, rtol=1e-5)
     assert not linear.degenerate.any()
+
+
+def test_linear_soft_count_of_float32_gradients_equals_the_pairwise_one() -> None:
+    """Both accumulate in float64 from the same float32 gradients: equal to float64 rounding."""
+    g = _dataset(40, 300, 2, seed=8).float() * 1e-3
+    linear = soft_counts_linear(_chunks(g, 16)).n_s
+    pairwise = all_neighbour_counts(_chunks(g, 16))["N_S"]
+    assert linear.dtype == pairwise.dtype == torch.float64
+    np.testing.assert_allclose(linear.numpy(), pairwise.numpy(), rtol=0, atol=1e-10)
+    np.testing.assert_allclose(linear.numpy(), _brute_kc(g.double().numpy()).sum(1), rtol=0, atol=1e-9)
 
 
 def test_linear_soft_count_accepts_a_factory_and_refuses_a_generator() -> None:
@@ -73,6 +119,43 @@ def test_all_estimators_equal_brute_force() -> None:
     assert (k < 0).any() and (k > 0.5).sum() > 19  # the fixture exercises both signs
 
 
+def test_rotation_invariant_counts_equal_brute_force() -> None:
+    g = _dataset(13, 5, 2, seed=9)
+    k = _brute_krot(g.numpy())
+    counts = all_neighbour_counts(_chunks(g, 4), taus=(0.3, 0.7), alphas=(1.0, 3.0))
+    assert counts.keys() == set(count_keys((0.3, 0.7), (1.0, 3.0), rot=True))
+    np.testing.assert_allclose(counts["N_S_rot"].numpy(), k.sum(1), rtol=1e-9)
+    for tau in (0.3, 0.7):
+        np.testing.assert_array_equal(counts[f"N_tau_rot_{tau:g}"].numpy(), (k >= tau).sum(1))
+    for alpha in (1.0, 3.0):
+        np.testing.assert_allclose(counts[f"N_alpha_rot_{alpha:g}"].numpy(), (k**alpha).sum(1), rtol=1e-9)
+    plain = _brute_kc(g.numpy())
+    assert np.all(k >= plain - 1e-12) and (k > plain + 0.1).any()  # the best rotation only adds
+    assert ((k > 0.3) & (k < 0.7)).any() and (k < 0.3).any()  # the thresholds split the fixture
+
+
+def test_rotation_invariant_counts_need_two_outputs() -> None:
+    g = _dataset(5, 4, 3, seed=10)
+    assert "N_S_rot" not in all_neighbour_counts(_chunks(g, 2))  # auto: only for d = 2
+    with pytest.raises(ValueError, match="d = 2"):
+        all_neighbour_counts(_chunks(g, 2), rot=True)
+
+
+@pytest.mark.parametrize(
+    ("taus", "alphas", "message"),
+    [
+        ((0.5, 0.9, 0.5), (1.0,), r"taus has 0\.5 twice"),
+        ((0.9,), (2.0, 2.0000001), r"alphas has 2\.0 and 2\.0000001, equal to 6 digits .*N_alpha_2\)"),
+    ],
+)
+def test_repeated_levels_are_refused(taus: tuple[float, ...], alphas: tuple[float, ...], message: str) -> None:
+    g = _dataset(4, 3, 2, seed=11)
+    with pytest.raises(ValueError, match=message):
+        count_keys(taus, alphas)
+    with pytest.raises(ValueError, match=message):
+        all_neighbour_counts(_chunks(g, 2), taus=taus, alphas=alphas)
+
+
 def test_zero_gradient_sample(caplog: pytest.LogCaptureFixture) -> None:
     g = _dataset(9, 5, 2, seed=3)
     g[4] = 0
@@ -88,6 +171,8 @@ def test_zero_gradient_sample(caplog: pytest.LogCaptureFixture) -> None:
         assert torch.isfinite(values).all()
     np.testing.assert_allclose(pairwise["N_S"].numpy(), k.sum(1), rtol=1e-8)
     assert pairwise["N_tau_0.9"][4].item() == 1
+    np.testing.assert_allclose(pairwise["N_S_rot"].numpy(), _brute_krot(g.numpy()).sum(1), rtol=1e-8)
+    assert pairwise["N_S_rot"][4].item() == 1.0 and pairwise["N_tau_rot_0.9"][4].item() == 1
 
 
 def test_streaming_knn_and_histogram_equal_brute_force() -> None:

@@ -68,6 +68,7 @@ def test_bounds_of_entries_and_scalars() -> None:
     assert k_trace(kc).abs().max() <= 1 + 1e-12
     rot = k_rot(kc)
     assert rot.min() >= 0 and rot.max() <= 1 + 1e-12
+    assert (rot >= k_trace(kc) - 1e-12).all()  # the best rotation includes the identity
 
 
 def test_cross_kernel_equals_pairwise() -> None:

@@ -26,7 +26,9 @@ shapely only), in the order the stage uses them:
    over ``D`` per chunk of queries, ``|D|^2`` values of ``k^C`` in all (fine for the few
    hundred patches of the study; with the cache no gradient is recomputed); and for the
    query patches the ``k`` nearest neighbours and the ``k^C`` histogram over ``[0, 1]``
-   (:func:`~cadalign.similarity.density.nearest_neighbours`).
+   (:func:`~cadalign.similarity.density.nearest_neighbours`). For ``d = 2`` outputs the
+   quadratic counts come also for the rotation-invariant ``k^{C,rot}`` (``N_S_rot``,
+   ``N_tau_rot_<tau>``, ``N_alpha_rot_<alpha>``).
    Self-counting follows :mod:`cadalign.similarity.density`: the counts include the patch
    itself, the neighbours and the query histograms exclude it.
 4. **Summaries.** :func:`ns_histogram` (bins with one example patch each),
@@ -314,7 +316,8 @@ class SimilarityResult:
     Attributes:
         n_s: ``(n,)`` linear-time ``N_S`` (self counted).
         degenerate: ``(n,)`` bool, zero-gradient patches.
-        counts: ``(n,)`` arrays by name: ``N_S`` (pairwise), ``N_tau_<tau>``, ``N_alpha_<alpha>``.
+        counts: ``(n,)`` arrays by name: ``N_S`` (pairwise), ``N_tau_<tau>``, ``N_alpha_<alpha>``
+            and, for ``d = 2``, ``N_S_rot``, ``N_tau_rot_<tau>``, ``N_alpha_rot_<alpha>``.
         query_indices: ``(q,)`` patch indices of the queries.
         knn: Nearest neighbours and ``k^C`` histograms of the queries (self excluded).
         timings: Seconds by phase (``gradients``, ``n_s``, ``counts``, ``knn``, ``total``)
@@ -439,9 +442,10 @@ def summary_metrics(result: SimilarityResult, threshold: float = 0.9) -> dict[st
         threshold: ``k^C`` level of the neighbour fractions.
 
     Returns:
-        ``n_patches``, ``n_queries``, ``n_zero_gradient``; ``N_S`` mean, median, std, min,
-        max and quantiles ``N_S_q10 .. N_S_q90``; ``N_S_fraction_median`` (median ``N_S / n``);
-        the mean of every other count; ``knn_mean_kc`` (mean ``k^C`` of the queries'
+        ``n_patches``, ``n_queries``, ``n_zero_gradient`` (patches whose output does not
+        depend on the parameters); ``N_S`` mean, median, std, min, max and quantiles
+        ``N_S_q10 .. N_S_q90``; ``N_S_fraction_median`` (median ``N_S / n``); the mean of
+        every other count, and for ``N_S_rot`` also its median and quantiles; ``knn_mean_kc`` (mean ``k^C`` of the queries'
         neighbours), ``knn_frac_above`` (fraction of those ``>= threshold``),
         ``query_frac_above`` (mean over queries of the fraction of all other patches with
         ``k^C >= threshold``, from the histograms, so to the bin resolution) and
@@ -465,6 +469,11 @@ def summary_metrics(result: SimilarityResult, threshold: float = 0.9) -> dict[st
     for key, value in result.counts.items():
         if key != "N_S":
             out[f"{key}_mean"] = float(value.mean())
+    if "N_S_rot" in result.counts:
+        n_s_rot = result.counts["N_S_rot"]
+        out["N_S_rot_median"] = float(np.median(n_s_rot))
+        for q in (10, 25, 75, 90):
+            out[f"N_S_rot_q{q}"] = float(np.percentile(n_s_rot, q))
     if "N_S" in result.counts:
         out["ns_pairwise_max_abs_diff"] = float(np.abs(result.counts["N_S"] - n_s).max())
     values = result.knn.values.numpy()

@@ -13,6 +13,11 @@ with its computed value (1 up to rounding for a full-rank ``C(x)``) and is defin
 a zero-gradient sample (which has ``k^C = 0`` to every other sample). The k nearest
 neighbours and the ``k^C`` histograms EXCLUDE the query itself when its index in ``D`` is
 given, since they describe the other samples.
+
+Rotation-invariant counts: for ``d = 2`` the quadratic counts come also for
+``k^{C,rot}`` (:func:`cadalign.similarity.kernels.k_rot`; the same self rule), as
+``N_S_rot``, ``N_tau_rot_<tau>``, ``N_alpha_rot_<alpha>``. ``k^{C,rot}`` is not linear in
+``K^C``, so ``N_S_rot`` has no linear-time form.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from cadalign.similarity.kernels import DEFAULT_REL_FLOOR, cross_kernel, k_trace, whiten, whitening
+from cadalign.similarity.kernels import DEFAULT_REL_FLOOR, cross_kernel, k_rot, k_trace, whiten, whitening
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +89,9 @@ def _require_reiterable(source: ChunkSource, what: str) -> None:
 def whitened_sum(source: ChunkSource, rel_floor: float = DEFAULT_REL_FLOOR) -> tuple[Tensor, int]:
     """First pass of the linear-time ``N_S``: ``S = sum_x A(x)``, ``A = G C^{-1/2}``.
 
-    Each chunk is whitened in its own dtype; the sum is accumulated in float64.
+    Each chunk is converted to float64, then whitened and summed (so ``C`` is formed from
+    the same values as in :func:`neighbour_counts`, and the linear ``N_S`` equals the
+    pairwise one to float64 rounding).
 
     Args:
         source: Chunk source of ``D`` (one pass).
@@ -99,8 +106,8 @@ def whitened_sum(source: ChunkSource, rel_floor: float = DEFAULT_REL_FLOOR) -> t
     total: Tensor | None = None
     n = 0
     for chunk in _iterate(source):
-        a, _ = whiten(chunk, rel_floor)
-        part = a.sum(0).double()
+        a, _ = whiten(chunk.double(), rel_floor)
+        part = a.sum(0)
         if total is not None and part.shape != total.shape:
             raise ValueError(f"chunk shape {tuple(chunk.shape)} does not match (p, d) = {tuple(total.shape)}")
         total = part if total is None else total + part
@@ -115,9 +122,9 @@ def soft_counts_against(
 ) -> tuple[Tensor, Tensor]:
     """``N_S(x) = tr(A(x)^T S) / d`` for a chunk of samples, given ``S`` of :func:`whitened_sum`.
 
-    Computed as ``tr(C^{-1/2} (G^T S)) / d`` without forming ``A``. If the samples belong
-    to the dataset summed into ``S``, the result counts self; zero-gradient samples get 1
-    (their self-similarity).
+    Computed as ``tr(C^{-1/2} (G^T S)) / d`` in float64 without forming ``A``. If the
+    samples belong to the dataset summed into ``S``, the result counts self; zero-gradient
+    samples get 1 (their self-similarity).
 
     Args:
         g: Gradients ``(b, p, d)`` of the samples.
@@ -133,8 +140,9 @@ def soft_counts_against(
     """
     if g.ndim != 3 or g.shape[1:] != s.shape:
         raise ValueError(f"gradients {tuple(g.shape)} do not match the sum S {tuple(s.shape)}")
+    g = g.double()
     r, degenerate = whitening(g, rel_floor, warn)
-    m = (g.transpose(1, 2) @ s.to(g.dtype)).double()  # (b, d, d) = G^T S
+    m = g.transpose(1, 2) @ s.double()  # (b, d, d) = G^T S
     n_s = (r * m).sum((1, 2)) / g.shape[-1]  # tr(r^T G^T S), r symmetric
     return torch.where(degenerate, torch.ones_like(n_s), n_s), degenerate
 
@@ -195,23 +203,70 @@ def _check_queries(queries: Tensor, query_indices: Tensor | None) -> None:
 
 
 def _similarities(
-    queries: Tensor, source: ChunkSource, query_indices: Tensor | None, rel_floor: float, dtype: torch.dtype
-) -> Iterator[tuple[Tensor, int, Tensor | None]]:
-    """Yield ``(k^C (Q, b), start, self_mask)`` per chunk, self-pairs of zero gradients set to 1.
+    queries: Tensor,
+    source: ChunkSource,
+    query_indices: Tensor | None,
+    rel_floor: float,
+    dtype: torch.dtype,
+    rot: bool = False,
+) -> Iterator[tuple[Tensor, Tensor | None, int, Tensor | None]]:
+    """Yield ``(k^C, k^{C,rot} or None, start, self_mask)`` per chunk, each ``(Q, b)``.
 
-    Zero gradients are reported for the queries only (``D`` may be visited many times).
+    Self-pairs of zero gradients are set to 1 in both. Zero gradients are reported for the
+    queries only (``D`` may be visited many times).
     """
     aq, deg_q = whiten(queries.to(dtype), rel_floor)
     start = 0
     for chunk in _iterate(source):
         ad, _ = whiten(chunk.to(device=queries.device, dtype=dtype), rel_floor, warn=False)
-        sim = k_trace(cross_kernel(aq, ad))
+        kc = cross_kernel(aq, ad)
+        sim, sim_rot = k_trace(kc), (k_rot(kc) if rot else None)
         stop = start + chunk.shape[0]
         mask = _self_mask(query_indices, queries.shape[0], start, stop, queries.device)
         if mask is not None:
-            sim = torch.where(mask & deg_q.view(-1, 1), torch.ones_like(sim), sim)
-        yield sim, start, mask
+            fix = mask & deg_q.view(-1, 1)
+            sim = torch.where(fix, torch.ones_like(sim), sim)
+            if sim_rot is not None:
+                sim_rot = torch.where(fix, torch.ones_like(sim_rot), sim_rot)
+        yield sim, sim_rot, start, mask
         start = stop
+
+
+def count_keys(taus: Sequence[float], alphas: Sequence[float], rot: bool = False) -> list[str]:
+    """Names of the counts of :func:`neighbour_counts`, in order; refuses levels that share one.
+
+    Keys print the levels with ``:g`` (6 significant digits): ``N_S``, ``N_tau_<tau>``,
+    ``N_alpha_<alpha>``, then with ``rot`` ``N_S_rot``, ``N_tau_rot_<tau>``,
+    ``N_alpha_rot_<alpha>``. Two levels with the same key would silently add their counts
+    into one (doubling it), so they are an error.
+
+    Args:
+        taus: Thresholds of the hard counts.
+        alphas: Exponents of the positive-power counts.
+        rot: Include the rotation-invariant counts.
+
+    Returns:
+        The keys.
+
+    Raises:
+        ValueError: naming ``taus`` or ``alphas`` and the repeated (or near-equal) value.
+    """
+    for name, levels in (("taus", taus), ("alphas", alphas)):
+        seen: dict[str, float] = {}
+        for value in levels:
+            key = f"{value:g}"
+            if key in seen:
+                what = f"{value:g} twice" if seen[key] == value else f"{seen[key]!r} and {value!r}, equal to 6 digits"
+                raise ValueError(
+                    f"{name} has {what} (both would count into N_{name[:-1]}_{key}); list each value once, "
+                    "differing in the first 6 significant digits"
+                )
+            seen[key] = value
+    plain = [*(f"tau_{t:g}" for t in taus), *(f"alpha_{a:g}" for a in alphas)]
+    keys = ["N_S", *(f"N_{k}" for k in plain)]
+    if rot:
+        keys += ["N_S_rot", *(f"N_{k.replace('_', '_rot_', 1)}" for k in plain)]
+    return keys
 
 
 def neighbour_counts(
@@ -222,6 +277,7 @@ def neighbour_counts(
     query_indices: Tensor | None = None,
     rel_floor: float = DEFAULT_REL_FLOOR,
     dtype: torch.dtype = torch.float64,
+    rot: bool | None = None,
 ) -> dict[str, Tensor]:
     """All neighbour-count estimators of query samples against ``D``, by streaming ``k^C``.
 
@@ -236,28 +292,35 @@ def neighbour_counts(
             used to give a zero-gradient query its self-similarity 1.
         rel_floor: Eigenvalue floor.
         dtype: Computation dtype.
+        rot: Also the same counts of the rotation-invariant
+            :func:`~cadalign.similarity.kernels.k_rot` (``d = 2`` only); None: when ``d = 2``.
 
     Returns:
-        Dict of ``(Q,)`` tensors: ``"N_S"``, ``"N_tau_<tau>"`` per tau and
-        ``"N_alpha_<alpha>"`` per alpha (the positive-only ``N_alpha+``); self included,
-        see the module docstring.
+        Dict of ``(Q,)`` tensors, keys as :func:`count_keys`: ``"N_S"``, ``"N_tau_<tau>"``
+        per tau and ``"N_alpha_<alpha>"`` per alpha (the positive-only ``N_alpha+``), then
+        ``"N_S_rot"``, ``"N_tau_rot_<tau>"``, ``"N_alpha_rot_<alpha>"`` with ``rot``; self
+        included, see the module docstring.
 
     Raises:
-        ValueError: on bad shapes or non-positive ``alphas``.
+        ValueError: on bad shapes, non-positive ``alphas``, repeated levels, or ``rot``
+            with ``d != 2``.
     """
     _check_queries(queries, query_indices)
     if any(a <= 0 for a in alphas):
         raise ValueError(f"alphas must be > 0, got {list(alphas)}")
+    rot = queries.shape[-1] == 2 if rot is None else rot
     q = queries.shape[0]
-    keys = ["N_S", *(f"N_tau_{t:g}" for t in taus), *(f"N_alpha_{a:g}" for a in alphas)]
-    out = {key: torch.zeros(q, dtype=dtype, device=queries.device) for key in keys}
-    for sim, _, _ in _similarities(queries, source, query_indices, rel_floor, dtype):
-        out["N_S"] += sim.sum(1)
-        for t in taus:
-            out[f"N_tau_{t:g}"] += (sim >= t).sum(1)
-        pos = sim.clamp_min(0)
-        for a in alphas:
-            out[f"N_alpha_{a:g}"] += pos.pow(a).sum(1)
+    out = {key: torch.zeros(q, dtype=dtype, device=queries.device) for key in count_keys(taus, alphas, rot)}
+    for sim, sim_rot, _, _ in _similarities(queries, source, query_indices, rel_floor, dtype, rot):
+        for suffix, values in (("", sim), ("_rot", sim_rot)):
+            if values is None:
+                continue
+            out[f"N_S{suffix}"] += values.sum(1)
+            for t in taus:
+                out[f"N_tau{suffix}_{t:g}"] += (values >= t).sum(1)
+            pos = values.clamp_min(0)
+            for a in alphas:
+                out[f"N_alpha{suffix}_{a:g}"] += pos.pow(a).sum(1)
     return out
 
 
@@ -268,6 +331,7 @@ def all_neighbour_counts(
     rel_floor: float = DEFAULT_REL_FLOOR,
     dtype: torch.dtype = torch.float64,
     progress: bool = False,
+    rot: bool | None = None,
 ) -> dict[str, Tensor]:
     """:func:`neighbour_counts` of every sample of ``D`` against ``D`` (quadratic time).
 
@@ -279,6 +343,7 @@ def all_neighbour_counts(
         rel_floor: Eigenvalue floor.
         dtype: Computation dtype.
         progress: Show a tqdm bar over query chunks.
+        rot: Also the rotation-invariant counts, see :func:`neighbour_counts`.
 
     Returns:
         Dict of ``(|D|,)`` tensors, keys as in :func:`neighbour_counts`.
@@ -291,7 +356,7 @@ def all_neighbour_counts(
     start = 0
     for chunk in tqdm(_iterate(source), desc="neighbour counts", disable=not progress):
         idx = torch.arange(start, start + chunk.shape[0], device=chunk.device)
-        counts = neighbour_counts(chunk, source, taus, alphas, idx, rel_floor, dtype)
+        counts = neighbour_counts(chunk, source, taus, alphas, idx, rel_floor, dtype, rot)
         for key, value in counts.items():
             parts.setdefault(key, []).append(value)
         start += chunk.shape[0]
@@ -338,7 +403,7 @@ def nearest_neighbours(
     below = torch.zeros(q, dtype=torch.long, device=dev)
     above = torch.zeros(q, dtype=torch.long, device=dev)
     rows = torch.arange(q, device=dev).view(-1, 1)
-    for sim, start, mask in _similarities(queries, source, query_indices, rel_floor, dtype):
+    for sim, _, start, mask in _similarities(queries, source, query_indices, rel_floor, dtype):
         valid = torch.ones_like(sim, dtype=torch.bool) if mask is None else ~mask
         below += ((sim < 0) & valid).sum(1)
         above += ((sim > 1) & valid).sum(1)

@@ -7,7 +7,9 @@ output ``f(x)`` (``d`` components) with respect to ``p`` parameters.
 - ``K^C(x, x') = C(x)^{-1/2} K(x, x') C(x')^{-1/2}`` (paper eq. 4, whose second factor is
   printed as ``K(x', x)^{-1/2}``; the symmetric normalisation needs ``C(x')``);
 - ``k^C = tr(K^C) / d`` (eq. 5) and, for ``d = 2``, the rotation-invariant
-  ``k^{C,rot} = 1/2 sqrt(||K^C||_F^2 + 2 det K^C)``.
+  ``k^{C,rot} = 1/2 sqrt(||K^C||_F^2 + 2 det K^C)`` (section 3, "Metrics on output"): the
+  similarity after the rotation of the output plane that best aligns the two moves,
+  ``max_R tr(K^C R) / 2`` over rotations ``R``.
 
 Because ``C^{-1/2}`` is symmetric, ``K^C(x, x') = A(x)^T A(x')`` with the *whitened*
 gradients ``A(x) = G(x) C(x)^{-1/2}``; everything below goes through :func:`whiten` so that
@@ -201,9 +203,12 @@ def k_trace(kc: Tensor) -> Tensor:
 def k_rot(kc: Tensor) -> Tensor:
     """Rotation-invariant similarity for ``d = 2``: ``1/2 sqrt(||K^C||_F^2 + 2 det K^C)``.
 
-    Computed as ``1/2 sqrt((M11 + M22)^2 + (M12 - M21)^2)``, the same quantity written as
-    a sum of squares (never negative, so no NaN from rounding). It is invariant to
-    ``K^C -> K^C R`` and ``K^C -> R K^C`` for rotations ``R``.
+    The paper's closed form of ``max_theta tr(K^C R_theta) / 2`` over rotations ``R_theta``
+    of the output plane: with ``M = K^C``, ``tr(M R_theta) = (M11 + M22) cos theta +
+    (M12 - M21) sin theta``, whose maximum is ``sqrt((M11 + M22)^2 + (M12 - M21)^2)``. It is
+    computed in that form, a sum of squares (never negative, so no NaN from rounding; 0 for
+    the zero matrix of a zero gradient). It is invariant to ``K^C -> K^C R`` and
+    ``K^C -> R K^C`` for rotations ``R``, at least ``k^C`` and 1 for ``K^C = I``.
 
     Args:
         kc: ``(..., 2, 2)`` normalised kernel matrices.

@@ -9,10 +9,12 @@ polygons kept. The round's ``ds`` network gives per-sample gradients of ``disp[0
 (``d = 2``, the sum over the output map or the centre pixel: ``similarity.output``).
 
 Writes, in ``--out``: ``counts.csv`` (one row per patch: index, city, tile, window corner in
-downsampled px, N_S and the other counts, zero-gradient flag, query flag), ``neighbours.csv``
+downsampled px, N_S and the other counts, those of the rotation-invariant k^{C,rot} (``*_rot*``),
+zero-gradient flag, query flag), ``neighbours.csv``
 (query, rank, neighbour, k^C), ``query_hist.csv`` (query, bin, bin edges, count; k^C of each
 query to all other patches over 100 bins of [0, 1]), ``metrics.json`` (summary, wall time,
-peak memory), ``ns_hist.png`` (10-bin N_S histogram with an example patch per bin) and
+peak memory, ``n_zero_gradient``: patches whose output does not depend on the parameters, so
+their k^C to every other patch is 0; also logged by name), ``ns_hist.png`` (10-bin N_S histogram with an example patch per bin) and
 ``neighbours.png`` (each query and its k nearest patches, k^C under each).
 
 Usage::
@@ -47,6 +49,7 @@ from cadalign.model import AlignNet
 from cadalign.patches import downsample_image, scale_geoms
 from cadalign.plots import save_figure
 from cadalign.similarity import analysis
+from cadalign.similarity.density import count_keys
 from cadalign.similarity.grads import alignment_output_fn
 from cadalign.stages.common import make_parser, resolve_device, setup_logging
 from cadalign.stages.train import TrainStageConfig
@@ -95,6 +98,7 @@ class SimilarityConfig:
             raise ValueError(f"ds={self.ds} must be >= 1 or null (the coarsest factor every round trains)")
         if any(a <= 0 for a in self.alphas):
             raise ValueError(f"alphas={list(self.alphas)} must be > 0")
+        count_keys(self.taus, self.alphas)  # repeated levels would add into one column
         if self.cache_gb < 0:
             raise ValueError(f"cache_gb={self.cache_gb} must be >= 0")
 
@@ -337,6 +341,23 @@ def write_outputs(
     plot_neighbours(result, patches, out / "neighbours.png", title)
 
 
+def _log_zero_gradients(round_name: str, result: analysis.SimilarityResult, patches: PatchSet) -> None:
+    """Name the patches whose output gradient is zero (counted in metrics.json, flagged in counts.csv)."""
+    zero = np.flatnonzero(result.degenerate)
+    if not zero.size:
+        return
+    names = ", ".join(
+        f"#{i} {patches.cities[i]}/{patches.tiles[i]} ({patches.corners[i][0]}, {patches.corners[i][1]})" for i in zero
+    )
+    logger.warning(
+        "%s: %d of %d patches have a zero output gradient (k^C = 0 to every other patch, N_S = 1): %s",
+        round_name,
+        zero.size,
+        len(result.degenerate),
+        names,
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     """Command-line entry point (see the module docstring)."""
     parser = make_parser("Gradient-similarity analysis of one round's network on a fixed patch set.")
@@ -418,6 +439,7 @@ def main(argv: list[str] | None = None) -> None:
             progress=True,
         )
         wall = time.perf_counter() - start
+        _log_zero_gradients(args.round, result, patches)
         timings = result.timings
         metrics = {
             **analysis.summary_metrics(result),
