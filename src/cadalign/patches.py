@@ -129,6 +129,13 @@ class PatchConfig:
     # city equally often, split by area among its tiles), so that a city with fewer or smaller
     # tiles is not a minority of the training.
     weight_by: Literal["area", "city"] = "area"
+    # Where patches are made: "exact" (this module: shapely moves the polygons, rasterio burns
+    # them, per patch on the CPU in loader workers) or "device" (cadalign.device_patches: the
+    # labels burned once per tile, each batch resampled through one grid on the training device).
+    sampler: Literal["exact", "device"] = "exact"
+    # device sampler: most GB of tiles and label rasters kept on a GPU (None: half of its free
+    # memory); beyond it they stay in host memory and each batch's crops are cut there.
+    device_memory_gb: float | None = None
     seed: int = 0
 
     @property
@@ -186,6 +193,8 @@ class PatchConfig:
         for name in ("brightness", "contrast", "saturation"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1)")
+        if self.device_memory_gb is not None and not self.device_memory_gb > 0:
+            raise ValueError(f"device_memory_gb={self.device_memory_gb} must be > 0, or null")
 
 
 @dataclass(frozen=True, eq=False)
@@ -204,6 +213,8 @@ class Patch:
         indices: positions of ``labels`` / ``inputs`` in the source tile's labels.
         tile: index of the source tile; angle: rotation in radians; flipped: vertical flip.
         centre: (x, y) patch centre in the downsampled tile's pixel coordinates.
+        field: the drawn noise field as a function of tile coordinates (its grid, origin and
+            scale reproduce the draw, e.g. in :mod:`cadalign.device_patches`).
     """
 
     image: np.ndarray
@@ -220,6 +231,7 @@ class Patch:
     angle: float
     flipped: bool
     centre: tuple[float, float]
+    field: Field
 
     def as_tensors(self) -> dict[str, torch.Tensor]:
         """The training sample: dict of float32 tensors image, polys, disp, seg, polys_out."""
@@ -269,6 +281,23 @@ def scale_geoms(geoms: np.ndarray, sx: float, sy: float) -> np.ndarray:
     return shapely.transform(np.asarray(geoms, dtype=object), lambda xy: xy * (sx, sy))
 
 
+def downsample_tile(tile: TileData, ds: int, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """A tile at the network's resolution: (image, labels, their vertices (N, 2)); None without a vertex.
+
+    Raises:
+        ValueError: if the image is not (H, W, 3) uint8 (``index`` names the tile).
+    """
+    if tile.image.ndim != 3 or tile.image.shape[2] != 3 or tile.image.dtype != np.uint8:
+        raise ValueError(f"tile {index}: image must be (H, W, 3) uint8, got {tile.image.shape} {tile.image.dtype}")
+    image, (sx, sy) = downsample_image(tile.image, ds)
+    labels = scale_geoms(tile.labels, sx, sy)
+    vertices = shapely.get_coordinates(labels)
+    if len(vertices) == 0:
+        logger.warning("tile %d has no label vertex; it is never sampled", index)
+        return None
+    return image, labels, vertices
+
+
 @dataclass(frozen=True, eq=False)
 class _Tile:
     image: np.ndarray  # (h, w, 3) uint8 at the network's resolution
@@ -277,7 +306,7 @@ class _Tile:
     tree: shapely.STRtree
 
 
-class _Field:
+class Field:
     """A displacement field as a function of tile coordinates, backed by a grid."""
 
     def __init__(self, grid: np.ndarray, origin: np.ndarray, scale: float) -> None:
@@ -323,16 +352,10 @@ class PatchSampler:
         self.tile_index: list[int] = []
         cities: list[str] = []
         for index, tile in enumerate(tiles):
-            if tile.image.ndim != 3 or tile.image.shape[2] != 3 or tile.image.dtype != np.uint8:
-                raise ValueError(
-                    f"tile {index}: image must be (H, W, 3) uint8, got {tile.image.shape} {tile.image.dtype}"
-                )
-            image, (sx, sy) = downsample_image(tile.image, cfg.ds)
-            labels = scale_geoms(tile.labels, sx, sy)
-            vertices = shapely.get_coordinates(labels)
-            if len(vertices) == 0:
-                logger.warning("tile %d has no label vertex; it is never sampled", index)
+            prepared = downsample_tile(tile, cfg.ds, index)
+            if prepared is None:
                 continue
+            image, labels, vertices = prepared
             self.tiles.append(_Tile(image, labels, vertices, shapely.STRtree(labels)))
             self.tile_index.append(index)
             cities.append(tile.city)
@@ -444,9 +467,10 @@ class PatchSampler:
             angle=angle,
             flipped=flipped,
             centre=(float(centre[0]), float(centre[1])),
+            field=field,
         )
 
-    def _target_vectors(self, field: _Field, xy: np.ndarray) -> np.ndarray:
+    def _target_vectors(self, field: Field, xy: np.ndarray) -> np.ndarray:
         """Target displacement (tile axes) at tile points ``xy``: ``F`` or its inverse ``G``.
 
         ``G`` solves ``G(p) = F(p + G(p))``, so a vertex misaligned to ``u = v - F(v)`` is
@@ -464,7 +488,7 @@ class PatchSampler:
                 break
         return vectors
 
-    def _draw_field(self, centre: np.ndarray, rng: np.random.Generator) -> _Field:
+    def _draw_field(self, centre: np.ndarray, rng: np.random.Generator) -> Field:
         """A fresh field over the crop around ``centre`` (tile frame, vectors in tile axes)."""
         cfg = self.cfg
         crop = cfg.crop_size
@@ -473,7 +497,7 @@ class PatchSampler:
             grid = random_displacement_field(
                 (crop, crop), cfg.field_max, cfg.n_bumps, rng, coarse_factor=cfg.field_coarse_factor
             )
-            return _Field(grid, corner, 1.0)
+            return Field(grid, corner, 1.0)
         grid = random_displacement_field(
             (FIELD_GRID, FIELD_GRID),
             cfg.field_max,
@@ -483,7 +507,7 @@ class PatchSampler:
         )
         # The crop sees a random window of a field that spans field_extent px.
         window = rng.uniform(0.0, cfg.field_extent - crop, size=2)
-        return _Field(grid, corner - window, FIELD_GRID / cfg.field_extent)
+        return Field(grid, corner - window, FIELD_GRID / cfg.field_extent)
 
     def _warp_image(
         self, image: np.ndarray, centre: np.ndarray, rot: np.ndarray, rng: np.random.Generator

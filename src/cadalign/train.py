@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import itertools
 import logging
 import math
 import os
@@ -25,7 +26,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import cv2
 import numpy as np
@@ -210,6 +211,23 @@ def loader_batches(
     yield from _start(DataLoader(dataset, sampler=sampler, **common))
 
 
+@runtime_checkable
+class BatchSource(Protocol):
+    """Whole batches made by the caller (e.g. :class:`cadalign.device_patches.DeviceSampler`).
+
+    ``batch(step)`` returns the batch of optimizer step ``step`` of this rank (a dict of float
+    tensors as :func:`train` takes them, ideally already on the training device). It must be a
+    pure function of the step, so a resumed run draws exactly the batches it would have.
+    """
+
+    def batch(self, step: int) -> dict[str, torch.Tensor]: ...
+
+
+def source_batches(source: BatchSource, start_step: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless batches of a :class:`BatchSource` from ``start_step`` on."""
+    return (source.batch(step) for step in itertools.count(start_step))
+
+
 def _start(loader: DataLoader) -> Iterator[Any]:
     """Start iterating ``loader``; its worker processes run OpenCV single-threaded and
     leave the objects they inherit out of Python's garbage collection.
@@ -365,7 +383,7 @@ def train(
     model_cfg: ModelConfig,
     loss_cfg: LossConfig,
     train_cfg: TrainConfig,
-    dataset: Dataset,
+    dataset: Dataset | BatchSource,
     checkpoint_path: Path,
     model_path: Path,
     on_log: Callable[[int, dict[str, float]], None] | None = None,
@@ -384,7 +402,8 @@ def train(
             continues exactly; its own randomness (augmentation) resumes exactly when it
             comes from the process RNGs with ``num_workers`` 0 (restored from the
             checkpoint) or from the index. An iterable dataset must shard itself by rank
-            and restarts its stream on resume.
+            and restarts its stream on resume. Or a :class:`BatchSource`: whole batches of
+            ``train_cfg.batch_size`` by step, which a resume continues exactly.
         checkpoint_path: resumable training state, written every ``checkpoint_every`` steps.
         model_path: final weights ``{model, config}``, written at the end.
         on_log: called on rank 0 every ``log_every`` steps with the step (1-based count of
@@ -452,7 +471,10 @@ def train(
                 checkpoint_path,
             )
 
-    batches = loader_batches(dataset, train_cfg, rt, start_step)
+    if isinstance(dataset, BatchSource):
+        batches = source_batches(dataset, start_step)
+    else:
+        batches = loader_batches(dataset, train_cfg, rt, start_step)
     terms: dict[str, float] = {}
     patches_per_step = train_cfg.batch_size * rt.world_size
     t_start = t_log = time.perf_counter()
