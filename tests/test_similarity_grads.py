@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
 from pathlib import Path
 from typing import NamedTuple
 
@@ -198,3 +200,22 @@ def test_hooks_equal_vmap_on_the_study_network_with_groupnorm(
     scale = want.abs().max()
     assert got.dtype == dtype and scale > 0
     torch.testing.assert_close(got, want, rtol=0, atol=tol * float(scale))
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_bench_tiny_measures_the_study_network(tmp_path: Path) -> None:
+    """The quick check other scripts run (``--tiny --json``): the study's network, figures as JSON."""
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("bench_similarity", root / "bench" / "bench_similarity.py")
+    bench = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(bench)  # type: ignore[union-attr]
+    out = tmp_path / "out.json"
+    bench.main(["--tiny", "--patch", "60", "--params", str(root / "params.yaml"), "--device", "cpu", "--json", str(out)])
+    figures = json.loads(out.read_text())
+    study = read_params(root / "params.yaml")
+    assert figures["model_config"]["norm"] == study["train"]["model"]["norm"]
+    assert list(figures["model_config"]["image_widths"]) == study["train"]["model"]["image_widths"]
+    assert figures["mode"] == study["similarity"]["output"] and figures["patch"] == 60  # the smallest valid input
+    assert set(figures["patches_per_second"]) == {"train_step", "hooks@4", "vmap@4", "loop"}
+    assert all(v > 0 for v in figures["patches_per_second"].values())
+    assert figures["agreement"]["hooks_vs_vmap"] < 1e-5 and figures["agreement"]["hooks_vs_loop"] < 1e-4
