@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import cv2
 import numpy as np
+from numpy._core._multiarray_umath import __cpu_dispatch__
 import pyogrio
 import pytest
 import rasterio
@@ -11,9 +19,20 @@ from affine import Affine
 from shapely import affinity
 
 from cadalign.geo.polygons import read_polygons, to_pixels
-from cadalign.sources.synthetic import STYLES, SyntheticTile, generate_tile, tile_seed, write_city
+from cadalign.sources.synthetic import (
+    STYLES,
+    SyntheticTile,
+    _blur,
+    _sin,
+    _upsample,
+    generate_tile,
+    tile_seed,
+    write_city,
+)
 
 SIZE = 192
+# md5 of generate_tile(96, "dense", seed=0) image + mask bytes; changes only with the renderer
+PINNED_DENSE_96 = "3f7c344893c1c892063c6ed89c1fa756"
 
 
 @pytest.fixture(scope="module")
@@ -217,3 +236,66 @@ def test_write_city_rejects_bad_arguments(tmp_path, kwargs: dict, match: str) ->
     with pytest.raises(ValueError, match=match):
         write_city(**args)
     assert not any(tmp_path.iterdir())
+
+
+# Prints the md5 of a small tile per style (image, mask, polygons) and the SIMD targets in use.
+_DIGEST_SCRIPT = """
+import hashlib, json, sys
+import cv2, numpy as np, shapely
+if sys.argv[1] == "restricted":
+    cv2.setUseOptimized(False)
+from numpy._core._multiarray_umath import __cpu_dispatch__, __cpu_features__
+from cadalign.sources.synthetic import STYLES, generate_tile
+digests = {}
+for style in STYLES:
+    tile = generate_tile(96, style, seed=0)
+    wkb = b"".join(shapely.to_wkb(tile.polygons))
+    digests[style] = hashlib.md5(tile.image.tobytes() + tile.mask.tobytes() + wkb).hexdigest()
+simd = [name for name in __cpu_dispatch__ if __cpu_features__.get(name)]
+print(json.dumps({"digests": digests, "numpy_simd": simd, "cv_opt": cv2.useOptimized()}))
+"""
+
+
+def _digests(restricted: bool) -> dict:
+    env = dict(os.environ)
+    if restricted:  # what an older x86-64 CPU would run: numpy and OpenCV without AVX/AVX2/AVX-512 kernels
+        env["NPY_DISABLE_CPU_FEATURES"] = " ".join(__cpu_dispatch__)
+        env["OPENCV_CPU_DISABLE"] = "AVX512-SKX,AVX2,FP16,AVX,SSE4.2,SSE4.1"
+    mode = "restricted" if restricted else "default"
+    out = subprocess.run(
+        [sys.executable, "-c", _DIGEST_SCRIPT, mode], env=env, capture_output=True, text=True, check=True
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_tiles_do_not_depend_on_the_cpus_simd_kernels() -> None:
+    """The same tiles with numpy's and OpenCV's AVX2/AVX-512 kernels switched off (issue 26, item 10)."""
+    default, restricted = _digests(False), _digests(True)
+    assert restricted["numpy_simd"] == [] and not restricted["cv_opt"]  # the restriction took effect
+    assert restricted["digests"] == default["digests"]
+
+
+def test_small_tile_md5_is_pinned() -> None:
+    """Any machine renders this tile byte for byte as committed; a change here changes every study."""
+    tile = generate_tile(96, "dense", seed=0)
+    digest = hashlib.md5(tile.image.tobytes() + tile.mask.tobytes()).hexdigest()
+    assert digest == PINNED_DENSE_96
+
+
+def test_sin_matches_libm() -> None:
+    x = np.linspace(-60.0, 60.0, 20001)
+    np.testing.assert_allclose(_sin(x), np.sin(x), rtol=0, atol=1e-12)
+
+
+def test_blur_and_upsample_match_opencv() -> None:
+    """The numpy replacements compute what cv2.GaussianBlur and cv2.resize (INTER_CUBIC) compute."""
+    rng = np.random.default_rng(0)
+    image = rng.random((40, 50, 3)).astype(np.float32)
+    for sigma in (0.6, 0.8, 1.2):
+        np.testing.assert_allclose(_blur(image, sigma), cv2.GaussianBlur(image, (0, 0), sigma), atol=1e-6)
+    small = rng.standard_normal((14, 12)).astype(np.float32)
+    for cell in (2, 3, 7):
+        big = cv2.resize(small, (12 * cell, 14 * cell), interpolation=cv2.INTER_CUBIC)
+        oy, ox, height, width = 1, cell - 1, 14 * cell - 3, 12 * cell - cell - 2
+        ours = _upsample(_upsample(small, cell, oy, height, axis=0), cell, ox, width, axis=1)
+        np.testing.assert_allclose(ours, big[oy : oy + height, ox : ox + width], atol=1e-5)

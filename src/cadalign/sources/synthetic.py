@@ -18,6 +18,15 @@ lit by one sun, cast shadows along one direction that darken the ground but neve
 and trees (textured canopies with their own shadows) that may hide building edges. The
 ``mask`` is the footprint truth (trees do not remove mask pixels), rasterized from the
 polygons with :func:`rasterio.features.rasterize`.
+
+Bit-identical on any x86-64 CPU: array arithmetic uses only +, -, *, /, sqrt, floor and
+comparisons, which IEEE 754 rounds exactly whatever SIMD kernel numpy picks. Sines and
+cosines come from :func:`_sin` (a polynomial in those operations), blurs and upsampling
+from :func:`_blur` and :func:`_upsample` (fixed-order sums in numpy), never from
+``np.sin``/``np.hypot``/``np.arctan2``/``**`` or OpenCV's float filters, whose AVX2/AVX-512
+kernels differ in the last bit. The few scalar libm results left (``atan2``, ``tan``,
+``exp``) are rounded to :func:`_grid` before use. OpenCV only draws with integer
+coordinates into uint8 masks (or with ``LINE_8`` into float images), which is exact.
 """
 
 from __future__ import annotations
@@ -165,9 +174,44 @@ class _Building:
 # ---------------------------------------------------------------------------------------
 
 
+# Taylor coefficients of sin up to x**17: on [-pi/2, pi/2] the error is below 1e-13
+_SIN_TAYLOR = tuple((-1) ** k / math.factorial(2 * k + 1) for k in range(9))
+_GRID = 2.0**-32  # step that scalar libm results are rounded to (see _grid)
+
+
+def _sin(x: np.ndarray | float) -> np.ndarray:
+    """Sine (float64) from basic arithmetic only, so no CPU-specific SIMD or libm kernel is involved.
+
+    ``np.sin`` dispatches to AVX2 or AVX-512 kernels whose results differ in the last bit.
+    """
+    x = np.asarray(x, np.float64)
+    k = np.rint(x / math.pi)
+    r = x - k * math.pi  # in [-pi/2, pi/2]; sin(x) = (-1)**k sin(r)
+    r2 = r * r
+    acc = np.full_like(r, _SIN_TAYLOR[-1])
+    for coeff in reversed(_SIN_TAYLOR[:-1]):
+        acc = acc * r2 + coeff
+    return np.where(np.mod(k, 2) == 0, acc * r, -(acc * r))
+
+
+def _cos(x: np.ndarray | float) -> np.ndarray:
+    """Cosine (float64), see :func:`_sin`."""
+    return _sin(np.asarray(x, np.float64) + math.pi / 2)
+
+
+def _sincos(angle: float) -> tuple[float, float]:
+    """(cos, sin) of a scalar angle as Python floats, see :func:`_sin`."""
+    return float(_cos(angle)), float(_sin(angle))
+
+
+def _grid(x: float) -> float:
+    """Round a scalar libm result to a multiple of 2**-32, so its last bit (which may depend on the CPU) is lost."""
+    return round(x / _GRID) * _GRID
+
+
 def _rect_corners(cx: float, cy: float, hl: float, hw: float, angle: float) -> np.ndarray:
     """Corners (4, 2) of an oriented rectangle, long axis ``hl`` along ``angle``."""
-    c, s = math.cos(angle), math.sin(angle)
+    c, s = _sincos(angle)
     local = np.array([[-hl, -hw], [hl, -hw], [hl, hw], [-hl, hw]])
     return np.stack([cx + local[:, 0] * c - local[:, 1] * s, cy + local[:, 0] * s + local[:, 1] * c], axis=1)
 
@@ -189,15 +233,61 @@ def _fill_geom(mask: np.ndarray, geom: shapely.Geometry, value: int = 255) -> No
         cv2.fillPoly(mask, rings, value, lineType=cv2.LINE_8, shift=4)
 
 
+def _cubic_weights(t: np.ndarray) -> list[np.ndarray]:
+    """Weights of the 4 taps at offsets -1, 0, 1, 2 for fractions ``t`` (Keys cubic, a = -0.75 as OpenCV)."""
+    a = -0.75
+    w0 = ((a * (t + 1) - 5 * a) * (t + 1) + 8 * a) * (t + 1) - 4 * a
+    w1 = ((a + 2) * t - (a + 3)) * t * t + 1
+    w2 = ((a + 2) * (1 - t) - (a + 3)) * (1 - t) * (1 - t) + 1
+    return [w0, w1, w2, 1 - w0 - w1 - w2]
+
+
+def _upsample(small: np.ndarray, cell: int, start: int, n: int, axis: int) -> np.ndarray:
+    """Samples ``start .. start + n`` of ``small`` upsampled ``cell`` times along ``axis``.
+
+    Cubic as ``cv2.INTER_CUBIC``, edges replicated, pixel-centre convention; a fixed-order sum
+    in numpy instead of ``cv2.resize``, whose SIMD kernels differ per CPU.
+    """
+    pos = (np.arange(start, start + n) + 0.5) / cell - 0.5
+    first = np.floor(pos).astype(np.int64)
+    shape = [1] * small.ndim
+    shape[axis] = n
+    out = np.zeros(small.shape[:axis] + (n,) + small.shape[axis + 1 :], np.float32)
+    for k, w in enumerate(_cubic_weights(pos - first)):
+        taken = np.take(small, np.clip(first - 1 + k, 0, small.shape[axis] - 1), axis=axis)
+        out += taken * w.astype(np.float32).reshape(shape)
+    return out
+
+
+def _blur(image: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian blur of the two first axes (float32, edges reflected as OpenCV's default).
+
+    A fixed-order sum in numpy instead of ``cv2.GaussianBlur``, whose SIMD kernels differ per CPU.
+    """
+    radius = (round(8 * sigma + 1) | 1) // 2  # OpenCV's kernel size for float images
+    weights = [math.exp(-0.5 * (i / sigma) * (i / sigma)) for i in range(-radius, radius + 1)]
+    total = math.fsum(weights)
+    weights = [np.float32(_grid(w / total)) for w in weights]
+    for axis in (0, 1):
+        pad = [(0, 0)] * image.ndim
+        pad[axis] = (radius, radius)
+        padded = np.pad(image, pad, mode="reflect")
+        out = np.zeros_like(image)
+        for k, w in enumerate(weights):
+            out += padded[(slice(None),) * axis + (slice(k, k + image.shape[axis]),)] * w
+        image = out
+    return image
+
+
 def _fbm(rng: np.random.Generator, shape: tuple[int, int], cells: tuple[int, ...]) -> np.ndarray:
     """Multi-scale value noise (zero mean, unit std), one octave per cell size (pixels)."""
     height, width = shape
     out = np.zeros(shape, np.float32)
     for cell in cells:
         small = rng.standard_normal((height // cell + 4, width // cell + 4)).astype(np.float32)
-        big = cv2.resize(small, (small.shape[1] * cell, small.shape[0] * cell), interpolation=cv2.INTER_CUBIC)
         oy, ox = rng.integers(0, cell, size=2)
-        out += big[oy : oy + height, ox : ox + width] * math.sqrt(cell)
+        rows = _upsample(small, cell, int(oy), height, axis=0)
+        out += _upsample(rows, cell, int(ox), width, axis=1) * math.sqrt(cell)
     return (out - out.mean()) / (out.std() + 1e-6)
 
 
@@ -219,7 +309,7 @@ def _street_family(
     """Parallel (optionally wavy) centrelines covering the extended tile, at ``angle``."""
     centre = size / 2.0
     reach = size * 0.75 + margin  # half-extent that covers the extended tile at any angle
-    c, s = math.cos(angle), math.sin(angle)
+    c, s = _sincos(angle)
     lines = []
     offset = -reach + rng.uniform(0.2, 0.8) * spacing[0]
     while offset < reach:
@@ -228,7 +318,7 @@ def _street_family(
         if wavy:
             wavelength = rng.uniform(1.5, 3.0) * spacing[1]
             amplitude = rng.uniform(0.06, 0.12) * spacing[0]
-            n = n + amplitude * np.sin(2 * np.pi * t / wavelength + rng.uniform(0, 2 * np.pi))
+            n = n + amplitude * _sin(2 * np.pi * t / wavelength + rng.uniform(0, 2 * np.pi))
         xs = centre + t * c - n * s
         ys = centre + t * s + n * c
         lines.append(shapely.LineString(np.stack([xs, ys], axis=1)))
@@ -313,7 +403,7 @@ def _make_building(
 ) -> _Building:
     """Build a footprint centred on (cx, cy), local x along ``angle`` (sizes in pixels)."""
     parts_local, ext, holes = _shape_parts(rng, style, length, depth, courtyard)
-    c, s = math.cos(angle), math.sin(angle)
+    c, s = _sincos(angle)
 
     def place(xy: np.ndarray) -> np.ndarray:
         return np.stack([cx + xy[:, 0] * c - xy[:, 1] * s, cy + xy[:, 0] * s + xy[:, 1] * c], axis=1)
@@ -354,7 +444,7 @@ def _render_roof(
         if x1 <= x0 or y1 <= y0:
             continue
         ys, xs = np.mgrid[y0:y1, x0:x1].astype(np.float32) + 0.5
-        c, s = math.cos(angle), math.sin(angle)
+        c, s = _sincos(angle)
         u = (xs - cx) * c + (ys - cy) * s  # along the ridge
         v = -(xs - cx) * s + (ys - cy) * c  # across the ridge
         inside = (np.abs(u) <= hl) & (np.abs(v) <= hw)
@@ -368,7 +458,8 @@ def _render_roof(
             shade = np.where(edge < 1.5, 1.12, shade)  # parapet
             shade = np.where((edge >= 1.5) & (edge < 2.5), 0.9, shade)  # parapet inner shadow
             if hl > 40 and b.colour.mean() > 0.5 and rng.random() < 0.6:  # ribbed metal sheeting
-                shade = shade * (1.0 + 0.05 * np.sign(np.sin(u * np.pi / 2.2)))
+                ribs = np.where(np.mod(np.floor(u / 2.2), 2) == 0, 1.0, -1.0)  # sign(sin(pi u / 2.2))
+                shade = shade * (1.0 + 0.05 * ribs)
             elif hl > 12 and hw > 12:  # rooftop units, each with a small shadow
                 su, sv = -3.0 * (sun[0] * c + sun[1] * s), -3.0 * (-sun[0] * s + sun[1] * c)
                 for _ in range(min(int(rng.poisson(hl * hw / 600.0)), 12)):
@@ -389,7 +480,8 @@ def _render_roof(
             lit = nx * sun[0] + ny * sun[1]
             shade = 0.93 + 0.3 * lit
             dist = np.where((b.roof == "hip") & (du < dv), du, dv)
-            shade = shade * (1.0 + 0.04 * np.sin(dist * np.pi / 1.4)) * (1.0 + 0.04 * g)  # tile courses
+            courses = _sin(dist * (math.pi / 1.4)).astype(np.float32)
+            shade = shade * (1.0 + 0.04 * courses) * (1.0 + 0.04 * g)  # tile courses
             ridge = (b.roof == "gable") & (np.abs(v) < 0.8)
             shade = np.where(ridge, shade * 1.08, shade)
         patch = image[y0:y1, x0:x1]
@@ -421,7 +513,7 @@ def _draw_trees(
     for (x, y), r, h in zip(centres, radii, tree_h, strict=True):
         sx, sy = np.array([x, y]) + direction * h * sun_factor
         cv2.circle(shadow, (int(round(sx * 16 - 8)), int(round(sy * 16 - 8))), int(r * 16), 255, -1, cv2.LINE_8, 4)
-    sh = cv2.GaussianBlur(shadow.astype(np.float32) / 255.0, (0, 0), 1.2)
+    sh = _blur(shadow.astype(np.float32) / 255.0, 1.2)
     image *= (1.0 - 0.5 * sh)[..., None]
     greens = np.array([[0.20, 0.30, 0.13], [0.26, 0.34, 0.16], [0.17, 0.25, 0.12], [0.30, 0.36, 0.20]], np.float32)
     for (x, y), r in zip(centres, radii, strict=True):
@@ -431,18 +523,30 @@ def _draw_trees(
             continue
         ys, xs = np.mgrid[y0:y1, x0:x1].astype(np.float32) + 0.5
         dx, dy = (xs - x) / r, (ys - y) / r
-        rho = np.hypot(dx, dy)
-        theta = np.arctan2(dy, dx)
-        lobes = 1.0 + 0.12 * np.sin(rng.integers(3, 7) * theta + rng.uniform(0, 6.3)) + 0.08 * grain[y0:y1, x0:x1]
+        rho2 = dx * dx + dy * dy
+        rho = np.sqrt(rho2)
+        wave = _lobes(dx, dy, rho, int(rng.integers(3, 7)), rng.uniform(0, 6.3))
+        lobes = 1.0 + 0.12 * wave + 0.08 * grain[y0:y1, x0:x1]
         inside = rho <= lobes
         if not inside.any():
             continue
         # a dome lit from the sun: brighter on the sun side, darker at the rim
-        lit = 0.85 - 0.35 * (dx * direction[0] + dy * direction[1]) - 0.25 * rho**2
-        tex = 1.0 + 0.22 * grain[y0:y1, x0:x1] * np.cos(rho * 5.0)
+        lit = 0.85 - 0.35 * (dx * direction[0] + dy * direction[1]) - 0.25 * rho2
+        tex = 1.0 + 0.22 * grain[y0:y1, x0:x1] * _cos(rho * 5.0).astype(np.float32)
         colour = greens[rng.integers(len(greens))] * rng.uniform(0.85, 1.15)
         patch = image[y0:y1, x0:x1]
         patch[inside] = colour[None, :] * np.clip(lit * tex, 0.3, 1.6)[inside][:, None]
+
+
+def _lobes(dx: np.ndarray, dy: np.ndarray, rho: np.ndarray, k: int, phase: float) -> np.ndarray:
+    """``sin(k * atan2(dy, dx) + phase)`` (float32) by de Moivre's formula, without ``np.arctan2``."""
+    safe = np.where(rho > 0, rho, 1.0)
+    c1, s1 = np.where(rho > 0, dx / safe, 1.0), dy / safe
+    c, s = c1, s1
+    for _ in range(k - 1):  # (c + i s) <- (c + i s)(c1 + i s1)
+        c, s = c * c1 - s * s1, s * c1 + c * s1
+    cp, sp = _sincos(phase)
+    return (s * cp + c * sp).astype(np.float32)
 
 
 def _dashes(line: shapely.LineString, dash: float) -> list[np.ndarray]:
@@ -460,11 +564,12 @@ def _draw_car(image: np.ndarray, rng: np.random.Generator, x: float, y: float, a
     """A car seen from above: a coloured box with a darker windscreen band."""
     colour = np.asarray(_CARS[rng.integers(len(_CARS))], np.float32) * rng.uniform(0.9, 1.1)
     body = _rect_corners(x, y, 2.2 / px, 0.9 / px, angle)
-    cv2.fillConvexPoly(image, _cv_points(body), colour.tolist(), lineType=cv2.LINE_AA, shift=4)
-    c, s = math.cos(angle), math.sin(angle)
+    # OpenCV draws LINE_AA as LINE_8 into float images: say so, it is the exact integer path
+    cv2.fillConvexPoly(image, _cv_points(body), colour.tolist(), lineType=cv2.LINE_8, shift=4)
+    c, s = _sincos(angle)
     wx, wy = x + 0.6 / px * c, y + 0.6 / px * s
     glass = _rect_corners(wx, wy, 0.45 / px, 0.75 / px, angle)
-    cv2.fillConvexPoly(image, _cv_points(glass), (colour * 0.35).tolist(), lineType=cv2.LINE_AA, shift=4)
+    cv2.fillConvexPoly(image, _cv_points(glass), (colour * 0.35).tolist(), lineType=cv2.LINE_8, shift=4)
 
 
 # ---------------------------------------------------------------------------------------
@@ -518,7 +623,7 @@ def _frame(line: shapely.LineString, s: float) -> tuple[np.ndarray, np.ndarray]:
     p = line.interpolate(s)
     q = line.interpolate(min(s + 1.0, line.length - 1e-6))
     t = np.array([q.x - p.x, q.y - p.y])
-    return np.array([p.x, p.y]), t / (np.linalg.norm(t) + 1e-9)
+    return np.array([p.x, p.y]), t / (math.hypot(*t) + 1e-9)  # not np.linalg.norm: BLAS kernels vary per CPU
 
 
 class _Planner:
@@ -569,7 +674,7 @@ class _Planner:
                 normal = np.array([-t[1], t[0]]) * rng.choice([-1.0, 1.0])
                 length, depth = rng.uniform(24, 42) / self.px, rng.uniform(22, 36) / self.px
                 c = p + normal * (half + streets.sidewalk + self.metres(st.setback) + depth / 2)
-                ang = math.atan2(t[1], t[0])
+                ang = _grid(math.atan2(t[1], t[0]))
                 b = _make_building(rng, st, self.px, c[0], c[1], ang, length, depth, courtyard=True)
                 if self.try_add(b, self.metres(st.setback) * 0.5):
                     break
@@ -591,7 +696,7 @@ class _Planner:
                     c = p + normal * (half + streets.sidewalk + setback + depth / 2)
                     jitter = rng.normal(0, 0.02) if self.style != "dense" else 0.0
                     # local y points away from the street, so L and T wings go to the back
-                    ang = math.atan2(t[1], t[0]) + (0.0 if side > 0 else np.pi) + jitter
+                    ang = _grid(math.atan2(t[1], t[0])) + (0.0 if side > 0 else np.pi) + jitter
                     if self.try_add(_make_building(rng, st, px, c[0], c[1], ang, length, depth), 0.5 * setback):
                         self._garden(p, t, normal, c, half, setback, length, depth, ang)
                         s += length + rng.uniform(st.gap, st.gap * 2 + 1.0) / px
@@ -622,7 +727,7 @@ class _Planner:
     def parking_lots(self) -> None:
         """Asphalt parking lots (industrial) in free space, aligned with the grid."""
         rng, px = self.rng, self.px
-        area_ha = (self.size * px) ** 2 / 1e4
+        area_ha = (self.size * px) * (self.size * px) / 1e4  # not ** (libm pow)
         wanted = max(1, int(self.st.parking * area_ha))
         for _ in range(int(rng.poisson(self.st.parking * area_ha)) * 4):
             if len(self.parking) >= wanted:
@@ -638,7 +743,8 @@ class _Planner:
     def back_buildings(self) -> None:
         """Extra buildings anywhere free (courtyards of blocks, back gardens): sheds, annexes."""
         rng, st, size, margin = self.rng, self.st, self.size, self.margin
-        wanted = int(rng.poisson(st.fill * ((size + 2 * margin) * self.px) ** 2 / 1e4))
+        side = (size + 2 * margin) * self.px
+        wanted = int(rng.poisson(st.fill * side * side / 1e4))
         for _ in range(wanted * 3):
             if wanted <= 0:
                 break
@@ -697,8 +803,8 @@ def _render(
 
     # building shadows darken the ground only: roofs are painted afterwards
     shadow = _shadow_mask(shape, plan.buildings, direction, sun_factor).astype(np.float32) / 255.0
-    shadow = cv2.GaussianBlur(shadow, (0, 0), 0.8)
-    bluish = np.array([1.0, 1.0, 1.06], np.float32)[None, None] ** shadow[..., None]  # skylight in the shade
+    shadow = _blur(shadow, 0.8)
+    bluish = 1.0 + np.array([0.0, 0.0, 0.06], np.float32) * shadow[..., None]  # skylight in the shade
     image *= (1.0 - 0.55 * shadow)[..., None] * bluish
     for b in plan.buildings:
         _render_roof(image, b, -direction, grain, rng)
@@ -715,7 +821,7 @@ def _render(
         _draw_trees(image, rng, tree_xy, radii, direction, sun_factor, grain)
 
     # camera: slight blur, colour balance, sensor noise
-    image = cv2.GaussianBlur(image, (0, 0), 0.6)
+    image = _blur(image, 0.6)
     image *= rng.uniform(0.98, 1.02, 3).astype(np.float32)[None, None]
     image += rng.normal(0, 0.012, image.shape).astype(np.float32)
     return np.clip(image * 255.0 + 0.5, 0, 255).astype(np.uint8)
@@ -744,8 +850,8 @@ def generate_tile(size: int, style: str, seed: int, pixel_size: float = 0.3) -> 
 
     # one sun per tile; shadows point away from it, longer for a lower sun
     azimuth = rng.uniform(0, 2 * np.pi)
-    direction = np.array([math.cos(azimuth), math.sin(azimuth)])
-    sun_factor = 1.0 / math.tan(math.radians(rng.uniform(52.0, 68.0)))  # shadow length / height
+    direction = np.array(_sincos(azimuth))
+    sun_factor = _grid(1.0 / math.tan(math.radians(rng.uniform(52.0, 68.0))))  # shadow length / height
 
     streets = _lay_streets(rng, _STYLES[style], size, px, margin)
     plan = _Planner(rng, style, size, px, margin, streets)
@@ -829,9 +935,10 @@ def _render_streets(
         for _ in range(int(rng.poisson(ln.length * px / 60.0))):
             s = rng.uniform(0, ln.length - 1.0)
             p, q = ln.interpolate(s), ln.interpolate(s + 1.0)
-            ang = math.atan2(q.y - p.y, q.x - p.x)
+            ang = _grid(math.atan2(q.y - p.y, q.x - p.x))
             lane = half_asphalt[i] * 0.5 * rng.choice([-1.0, 1.0])
-            x, y = p.x - math.sin(ang) * lane, p.y + math.cos(ang) * lane
+            c, s = _sincos(ang)
+            x, y = p.x - s * lane, p.y + c * lane
             if 0 <= x < shape[1] and 0 <= y < shape[0] and crossings[int(y), int(x)] == 0:
                 _draw_car(image, rng, x, y, ang, px)
 
@@ -847,12 +954,12 @@ def _render_parking(
     _blend(image, lay.astype(np.float32) / 255.0, tone * (1 + 0.05 * grain[..., None]))
     corners = np.asarray(lot.exterior.coords)[:4]
     e0, e1 = corners[1] - corners[0], corners[3] - corners[0]
-    along = e0 / np.linalg.norm(e0)
-    width = np.linalg.norm(e1)
+    along = e0 / math.hypot(*e0)
+    width = math.hypot(*e1)
     across = e1 / width
     stall, depth = 2.6 / px, min(5.0 / px, width / 2)
     lines = []
-    n = int(np.linalg.norm(e0) // stall)
+    n = int(math.hypot(*e0) // stall)
     for row_start in (0.0, width - depth):
         for k in range(n + 1):
             a = corners[0] + along * k * stall + across * row_start
@@ -860,7 +967,7 @@ def _render_parking(
     marks = np.zeros(shape, np.uint8)
     cv2.polylines(marks, [_cv_points(line) for line in lines], False, 255, 1, cv2.LINE_AA, 4)
     _blend(image, marks.astype(np.float32) / 255.0 * 0.8, np.asarray((0.85, 0.85, 0.82), np.float32))
-    ang = math.atan2(across[1], across[0])
+    ang = _grid(math.atan2(across[1], across[0]))
     for row_start in (0.0, width - depth):
         for k in range(n):
             if rng.random() < 0.55:
