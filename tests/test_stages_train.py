@@ -208,3 +208,21 @@ def test_cascade_trains_finer_networks_on_the_coarser_realignment(
     with caplog.at_level(logging.WARNING):
         run_train(train_study)  # other realignment settings: only the finer network starts afresh
     assert caplog.text.count("was made for other labels or settings") == 1 and "ds1.ckpt" in caplog.text
+
+
+def test_device_sampler_trains_every_network_deterministically(train_study: dict[str, Path], caplog: pytest.LogCaptureFixture) -> None:
+    """train.patches.sampler: device trains from batches made by step; a fresh rerun writes the same weights."""
+    text = train_study["params"].read_text()
+    train_study["params"].write_text(text.replace("patches: {keep_prob: 1.0}", "patches: {keep_prob: 1.0, sampler: device}"))
+    assert load_section(train_study["params"], "train", train.TrainStageConfig).patches.sampler == "device"
+    run_train(train_study)
+    first = {f.name: torch.load(f, weights_only=True)["model"] for f in sorted(train_study["models"].iterdir())}
+    assert sorted(first) == ["ds1.pt", "ds2.pt"]
+    for path in [*train_study["ckpt"].iterdir(), *train_study["models"].iterdir()]:
+        path.unlink()
+    with caplog.at_level(logging.INFO):
+        run_train(train_study)
+    assert "resuming from" not in caplog.text
+    for name, weights in first.items():
+        again = torch.load(train_study["models"] / name, weights_only=True)["model"]
+        assert all(torch.equal(weights[k], again[k]) for k in weights), name

@@ -121,6 +121,13 @@ class Runtime:
         return autocast(self.device, self.autocast_dtype)
 
 
+def training_device(cfg: TrainConfig) -> torch.device:
+    """The device :func:`train` will run on in this process (the local GPU, or the CPU)."""
+    if cfg.device != "cpu" and torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
 def setup_runtime(cfg: TrainConfig) -> Runtime:
     """Pick the device and precision, join the process group when launched by torchrun, seed.
 
@@ -135,7 +142,8 @@ def setup_runtime(cfg: TrainConfig) -> Runtime:
         The runtime. CUDA requested (``device`` "cuda" or "auto") but absent gives the CPU
         with a logged warning.
     """
-    use_cuda = cfg.device != "cpu" and torch.cuda.is_available()
+    device = training_device(cfg)
+    use_cuda = device.type == "cuda"
     if cfg.device != "cpu" and not use_cuda:
         logger.warning("train.device=%r but CUDA is not available: falling back to CPU (float32)", cfg.device)
     distributed = "RANK" in os.environ
@@ -143,13 +151,10 @@ def setup_runtime(cfg: TrainConfig) -> Runtime:
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if use_cuda:
-        device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls/convs on tensor cores
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True  # fixed patch size: let cuDNN pick kernels once
-    else:
-        device = torch.device("cpu")
     if distributed and not dist.is_initialized():  # joined once per process, kept for later calls
         backend = "nccl" if use_cuda else "gloo"
         dist.init_process_group(backend=backend, device_id=device if use_cuda else None)

@@ -45,11 +45,12 @@ from cadalign.atomic import atomic_path, write_text
 from cadalign.config import ConfigError, load_cities, load_section, read_params
 from cadalign.geo.labels import label_files, load_labelled_tiles
 from cadalign.model import AlignNet, LossConfig, ModelConfig
+from cadalign.device_patches import DeviceSampler
 from cadalign.patches import PatchConfig, PatchDataset, TileData
 from cadalign.stages.common import make_parser, setup_logging
 from cadalign.stages.realign import RealignStageConfig
 from cadalign.tracking import is_rank_zero, stage_run
-from cadalign.train import TrainConfig, load_model, resume_step, train
+from cadalign.train import BatchSource, TrainConfig, load_model, resume_step, train, training_device
 
 logger = logging.getLogger(__name__)
 
@@ -192,6 +193,18 @@ def cascade_labels(
     return moved
 
 
+def patch_source(data: list[TileData], pcfg: PatchConfig, optim: TrainConfig, ckpt: Path) -> PatchDataset | BatchSource:
+    """The patches of one network, per ``train.patches.sampler``, for this process's rank.
+
+    exact: a dataset drawn in the loader's workers (a resumed run continues with a fresh stream);
+    device: whole batches drawn on the training device by step (a resume redraws them exactly).
+    """
+    rank = int(os.environ.get("RANK", "0"))
+    if pcfg.sampler == "device":
+        return DeviceSampler(data, pcfg, optim.batch_size, training_device(optim), rank=rank)
+    return PatchDataset(data, pcfg, rank=rank, stream=resume_step(ckpt))
+
+
 def initial_network(init_dir: Path, ds: int, cfg: TrainStageConfig) -> Path:
     """The file of the network of factor ``ds`` to warm-start from, checked against ``train.model``.
 
@@ -286,8 +299,7 @@ def main(argv: list[str] | None = None) -> None:
                 coarser = (window, trained) if window is not None and trained else None
                 stamp = fingerprint(cfg, args.labels, cities, ds, init, coarser, grown_from)
                 ckpt = _checkpoint_for(args.checkpoints, ds, stamp)
-                # Each rank draws its own patches; a resumed run continues with fresh ones.
-                dataset = PatchDataset(data, pcfg, rank=int(os.environ.get("RANK", "0")), stream=resume_step(ckpt))
+                dataset = patch_source(data, pcfg, optim, ckpt)  # each rank draws its own patches
                 offset = i * optim.steps  # MLflow step axis: networks one after the other
 
                 def on_log(step: int, stats: dict[str, float], ds: int = ds, offset: int = offset) -> None:
