@@ -63,6 +63,26 @@ def test_refine_passes_the_finest_network_again(networks: dict[str, Path]) -> No
         run_realign(networks)
 
 
+def test_large_windows_write_the_labels_of_small_ones(networks: dict[str, Path]) -> None:
+    """The tiny study's networks have no GroupNorm: one window per tile and symmetry, batched
+    together, moves every vertex as the 16 px windows do (to float error)."""
+    text = networks["params"].read_text()
+    small = "window: {output_size: 16, batch_size: 4, progress: false}"
+    large = "window: {output_size: auto, lattice: fit, window: tukey, overlap: 0.125, batch_size: 16, progress: false"
+    networks["params"].write_text(text.replace(small, small.replace("{", "{symmetries: 2, ")))
+    run_realign(networks)
+    networks["params"].write_text(text.replace(small, large + ", symmetries: 2}"))
+    networks["round1"] = networks["round1"].with_name("large")
+    run_realign(networks)
+    for path in sorted((networks["round0"] / "tinytown").iterdir()):
+        moved = _coords(networks["round1"].with_name("round1") / "tinytown" / path.name)
+        assert np.abs(moved - _coords(path)).max() > 1e-3
+        np.testing.assert_allclose(_coords(networks["round1"] / "tinytown" / path.name), moved, atol=1e-5)
+    networks["params"].write_text(text.replace(small, small.replace("16", "auto")))
+    with pytest.raises(ConfigError, match=r"params.yaml: realign.window: output_size=auto needs lattice=fit"):
+        run_realign(networks)
+
+
 def test_a_tile_without_polygons_is_written_empty(networks: dict[str, Path], caplog: pytest.LogCaptureFixture) -> None:
     empty = networks["round0"] / "tinytown" / "tinytown2.gpkg"
     crs = read_polygons(empty).crs

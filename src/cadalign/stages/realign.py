@@ -22,7 +22,7 @@ from typing import Literal
 
 import torch
 
-from cadalign.align import AlignConfig, realign
+from cadalign.align import AlignConfig, WindowLimits, realign
 from cadalign.atomic import atomic_path
 from cadalign.config import load_cities, load_section
 from cadalign.geo.labels import load_labelled_tiles
@@ -83,10 +83,11 @@ def main(argv: list[str] | None = None) -> None:
     tiles = load_labelled_tiles(args.cities_dir, args.labels, sorted(load_cities(args.params)))
     with stage_run(f"realign@{args.round}", {"realign": dataclasses.asdict(cfg), "factors": sorted(models)}) as run:
         start = time.perf_counter()
+        limits = WindowLimits()  # an out-of-memory error's smaller batch or window holds for the later tiles
         with atomic_path(args.out) as tmp:
             tmp.mkdir()
             for t in tiles:
-                moved = realign(models, t.tile.image, t.geoms, device, cfg.window, cfg.refine) if len(t.geoms) else t.geoms
+                moved = realign(models, t.tile.image, t.geoms, device, cfg.window, cfg.refine, limits) if len(t.geoms) else t.geoms
                 write_polygons(tmp / t.city / f"{t.name}.gpkg", *from_pixels(moved, t.ids, t.tile.info.transform, t.tile.info.crs))
                 logger.info("%s: %d buildings realigned", t.name, len(t.geoms))
         run.log_metrics({"seconds": time.perf_counter() - start, "tiles": len(tiles)})
