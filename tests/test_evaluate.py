@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import shapely
 
-from cadalign import evaluate
+from cadalign import evaluate, noise
 from cadalign.geo.polygons import geometry_array
 
 
@@ -15,18 +15,61 @@ def test_errors_match_by_id_and_vertex() -> None:
     labels = geometry_array([shapely.affinity.translate(truth[1], 3, 4), shapely.affinity.translate(truth[0], 1, 0)])
     # labels are listed in another order: matching is by id, not position
     errors, ids, stats = evaluate.vertex_errors(truth, np.array([1, 2]), labels, np.array([2, 1]))
-    assert stats.n_vertices == 10 and stats.n_missing == 0
+    assert (stats.n_buildings, stats.n_vertices) == (2, 10)
     assert ids.tolist() == [1] * 5 + [2] * 5 and errors.tolist() == [1.0] * 5 + [5.0] * 5  # truth order
-    assert sorted(errors.tolist()) == [1.0] * 5 + [5.0] * 5
 
 
-def test_missing_building_and_bad_vertex_count() -> None:
-    truth = geometry_array([shapely.box(0, 0, 10, 10), shapely.box(20, 20, 30, 30)])
-    errors, ids, stats = evaluate.vertex_errors(truth, np.array([1, 2]), truth[:1], np.array([1]))
-    assert stats.n_missing == 1 and len(errors) == 5 and ids.tolist() == [1] * 5
+def _row(n: int, side: float = 40.0, gap: float = 2.0) -> np.ndarray:
+    """``n`` equal squares in a row, ``gap`` px apart (a dense block)."""
+    return geometry_array([shapely.box(k * (side + gap), 0, k * (side + gap) + side, side) for k in range(n)])
+
+
+def test_ids_must_match_the_truth_one_to_one() -> None:
+    truth, true_ids = _row(8), np.arange(1, 9)
+    kw = {"where": "l.gpkg", "truth_where": "t.gpkg"}
+    with pytest.raises(ValueError, match=r"^l\.gpkg: 7 \(ids 2, 3, 4, 5, 6, \.\.\.\) true buildings of t\.gpkg have no label"):
+        evaluate.vertex_errors(truth, true_ids, truth[:1], true_ids[:1], **kw)
+    # the ids of a tile shifted by one: one true building unlabelled, one label without truth
+    with pytest.raises(ValueError, match=r"^l\.gpkg: 1 \(ids 1\) true buildings of t\.gpkg have no label"):
+        evaluate.vertex_errors(truth, true_ids, truth, true_ids + 1, **kw)
+    extra = geometry_array([*truth, shapely.box(0, 50, 10, 60)])
+    with pytest.raises(ValueError, match=r"^l\.gpkg: 1 \(ids 99\) labels have no true building in t\.gpkg"):
+        evaluate.vertex_errors(truth, true_ids, extra, np.r_[true_ids, 99], **kw)
+    with pytest.raises(ValueError, match=r"^l\.gpkg: 1 \(ids 3\) building ids appear more than once"):
+        evaluate.vertex_errors(truth, true_ids, extra, np.r_[true_ids, 3], **kw)
+    with pytest.raises(ValueError, match=r"^t\.gpkg: 1 \(ids 1\) building ids appear more than once"):
+        evaluate.vertex_errors(truth, np.r_[1, true_ids[1:-1], 1], truth, true_ids, **kw)
     simplified = geometry_array([shapely.Polygon([(0, 0), (10, 0), (10, 10)])])
-    with pytest.raises(ValueError, match="building 1 has 4 vertices but the truth has 5"):
+    with pytest.raises(ValueError, match="^x.gpkg: building 1 has 4 vertices but the truth has 5"):
         evaluate.vertex_errors(truth[:1], np.array([1]), simplified, np.array([1]), where="x.gpkg")
+
+
+def test_swapped_ids_are_refused() -> None:
+    truth, true_ids = _row(4), np.array([11, 12, 13, 14])
+    labels = shapely.transform(truth, lambda xy: xy + (1.5, -1.0))
+    evaluate.vertex_errors(truth, true_ids, labels, true_ids, where="l.gpkg")  # honest: accepted
+    swapped = true_ids[[0, 2, 1, 3]]
+    with pytest.raises(ValueError, match=r"^l\.gpkg: the labels of buildings 1[23] and 1[23] look swapped: each lies "):
+        evaluate.vertex_errors(truth, true_ids, labels, swapped, where="l.gpkg")
+
+
+def test_honest_noise_in_a_dense_block_is_not_taken_for_a_swap() -> None:
+    """The project's noise at twice the default amplitude, on rows of small equal houses 2 px apart."""
+    truth = geometry_array([shapely.box(x, y, x + 24, y + 24) for y in range(0, 256, 26) for x in range(0, 256, 26)])
+    ids = np.arange(1, len(truth) + 1)
+    for seed in range(5):
+        field = noise.random_displacement_field((256, 256), 48.0, 30, np.random.default_rng(seed))
+        errors, _, stats = evaluate.vertex_errors(truth, ids, noise.misalign(truth, field), ids, tile_shape=(256, 256))
+        assert stats.n_buildings == len(truth) and errors.max() > 26  # labels reach their neighbours
+
+
+def test_labels_outside_their_tile_are_refused() -> None:
+    truth, true_ids = _row(3), np.array([1, 2, 3])
+    near = shapely.transform(truth, lambda xy: xy + (0.0, -70.0))  # 30 px above the tile: noise can do that
+    evaluate.vertex_errors(truth, true_ids, near, true_ids, tile_shape=(60, 130))
+    far = shapely.transform(truth, lambda xy: xy + (1024.0, 0.0))  # the next tile's place
+    with pytest.raises(ValueError, match=r"^l\.gpkg: 3 \(ids 1, 2, 3\) labels lie more than 64 px outside their 130 x 60 px tile"):
+        evaluate.vertex_errors(truth, true_ids, far, true_ids, where="l.gpkg", tile_shape=(60, 130))
 
 
 def test_curve_and_summary_against_direct_computation() -> None:

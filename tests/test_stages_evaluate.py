@@ -46,7 +46,9 @@ def test_a_uniform_shift_scores_its_length_at_every_vertex(study: dict[str, Path
         len(shapely.get_coordinates(read_polygons(p).geometry.values))
         for p in (study["truth"] / "tinytown").glob("*.gpkg")
     )
-    assert metrics["n_vertices"] == n_true
+    n_buildings = sum(len(read_polygons(p)) for p in (study["truth"] / "tinytown").glob("*.gpkg"))
+    assert metrics["n_vertices"] == metrics["cities"]["tinytown"]["n_vertices"] == n_true
+    assert metrics["n_buildings"] == metrics["cities"]["tinytown"]["n_buildings"] == n_buildings
     for summary in (metrics, metrics["cities"]["tinytown"]):
         assert summary["median_error_px"] == pytest.approx(4.9, abs=1e-6)
         assert summary["mean_error_px"] == pytest.approx(4.9, abs=1e-6)
@@ -103,11 +105,40 @@ def test_empty_labels_and_other_polygons_are_refused(study: dict[str, Path]) -> 
     labels = _shifted_labels(study, study["root"] / "shifted", 1.0, 0.0)
     for path in (labels / "tinytown").glob("*.gpkg"):
         write_polygons(path, np.array([], dtype=object), np.array([], dtype=np.int64), read_polygons(path).crs)
-    with pytest.raises(ValueError, match=r"matched no true vertex \(empty labels\?\)"):
+    with pytest.raises(ValueError, match=r"tinytown1\.gpkg: \d+ \(ids .*\) true buildings of .* have no label"):
         _run(study, labels)
     path = study["truth"] / "tinytown" / "tinytown1.gpkg"
     gdf = read_polygons(path)
     simpler = [g.envelope for g in gdf.geometry.values]  # other vertex counts than the truth's
     write_polygons(labels / "tinytown" / "tinytown1.gpkg", np.array(simpler, dtype=object), gdf["building_id"].to_numpy(), gdf.crs)
     with pytest.raises(ValueError, match=r"tinytown1\.gpkg: building \d+ has \d+ vertices but the truth has \d+"):
+        _run(study, labels)
+
+
+def test_a_missing_or_extra_building_names_the_file_and_writes_nothing(study: dict[str, Path]) -> None:
+    labels = _shifted_labels(study, study["root"] / "shifted", 1.0, 0.0)
+    path = labels / "tinytown" / "tinytown1.gpkg"
+    gdf = read_polygons(path)
+    ids = gdf["building_id"].to_numpy()
+    write_polygons(path, gdf.geometry.values[1:], ids[1:], gdf.crs)
+    truth = study["truth"] / "tinytown" / "tinytown1.gpkg"
+    with pytest.raises(ValueError, match=rf"tinytown1\.gpkg: 1 \(ids {ids[0]}\) true buildings of .*tinytown1\.gpkg have no label"):
+        _run(study, labels)
+    extra = shapely.affinity.translate(gdf.geometry.values[0], 1.0, 0.0)
+    write_polygons(path, np.array([*gdf.geometry.values, extra], dtype=object), np.r_[ids, 999], gdf.crs)
+    with pytest.raises(ValueError, match=rf"{truth.name}: 1 \(ids 999\) labels have no true building in {truth}"):
+        _run(study, labels)
+    assert not (study["root"] / "eval").exists()
+
+
+def test_swapped_ids_are_refused(study: dict[str, Path]) -> None:
+    labels = _shifted_labels(study, study["root"] / "shifted", 1.0, 0.0)
+    path = labels / "tinytown" / "tinytown1.gpkg"
+    gdf = read_polygons(path)
+    ids = gdf["building_id"].to_numpy().copy()
+    counts = shapely.get_num_coordinates(gdf.geometry.values)
+    a, b = next((i, j) for i in range(len(ids)) for j in range(i + 1, len(ids)) if counts[i] == counts[j])
+    ids[[a, b]] = ids[[b, a]]
+    write_polygons(path, gdf.geometry.values, ids, gdf.crs)
+    with pytest.raises(ValueError, match=r"tinytown1\.gpkg: the labels of buildings \d+ and \d+ look swapped"):
         _run(study, labels)

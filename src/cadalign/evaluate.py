@@ -3,6 +3,8 @@
 Noise and alignment move vertices but never add, drop or reorder them, so a label vertex
 corresponds to the true vertex of the same building id and the same index in
 ``shapely.get_coordinates`` order. The error of a vertex is the Euclidean distance in pixels.
+Every true building is scored: labels whose ids do not match the truth one to one, that look
+swapped or that lie outside their tile are refused, never scored on a subset.
 """
 
 from __future__ import annotations
@@ -23,17 +25,85 @@ THRESHOLDS = (1, 2, 4, 8)
 """Pixel thresholds reported as ``frac_within_<t>px``."""
 
 
+SWAP_FACTOR = 2.0
+"""Two labels count as swapped when exchanging their ids would cut the pair's error (mean vertex
+error of each, summed) by this factor. Honest labels stay below it: under a smooth noise field
+neighbours move alike, and exchanging their ids can only help where their displacements differ."""
+OUTSIDE_MARGIN_PX = 2 * TAU_MAX
+"""A label polygon farther than this from its tile was misplaced: the true polygons lie inside the
+tile and the default noise (24 px per axis) moves a vertex by at most 34 px."""
+
+
 @dataclass(frozen=True)
 class MatchStats:
-    """How the labels matched the truth (buildings missing from the labels are not scored)."""
+    """What was scored: every true building of the tile, each with all its vertices."""
 
     n_buildings: int
-    n_missing: int
     n_vertices: int
 
 
+def _first(ids: np.ndarray, n: int = 5) -> str:
+    """The first ``n`` of ``ids`` for an error message, e.g. ``3 (ids 7, 9, 12)``."""
+    ids = np.asarray(ids)
+    more = ", ..." if len(ids) > n else ""
+    return f"{len(ids)} (ids {', '.join(str(int(i)) for i in ids[:n])}{more})"
+
+
+def _check_ids(true_ids: np.ndarray, ids: np.ndarray, where: str, truth_where: str) -> None:
+    """Ids unique on both sides and the same set: every true building labelled once, nothing else."""
+    for name, arr in ((truth_where, true_ids), (where, ids)):
+        uniq, counts = np.unique(arr, return_counts=True)
+        if (counts > 1).any():
+            raise ValueError(f"{name}: {_first(uniq[counts > 1])} building ids appear more than once; ids must be unique")
+    missing = np.setdiff1d(true_ids, ids)
+    if len(missing):
+        raise ValueError(
+            f"{where}: {_first(missing)} true buildings of {truth_where} have no label; every true building must "
+            "be labelled once (the labels are the true polygons moved): rerun the stage that writes them"
+        )
+    extra = np.setdiff1d(ids, true_ids)
+    if len(extra):
+        raise ValueError(
+            f"{where}: {_first(extra)} labels have no true building in {truth_where}; labels must keep the true "
+            "building ids: rerun the stage that writes them"
+        )
+
+
+def _mean_vertex_error(a: shapely.Geometry, b: shapely.Geometry) -> float:
+    d = shapely.get_coordinates(a) - shapely.get_coordinates(b)
+    return float(np.hypot(d[:, 0], d[:, 1]).mean())
+
+
+def _check_swaps(t: np.ndarray, p: np.ndarray, ids: np.ndarray, own: np.ndarray, where: str) -> None:
+    """Refuse two labels whose ids look exchanged (see :data:`SWAP_FACTOR`).
+
+    A label's candidate partner is the true building whose centroid is nearest to the label's.
+    """
+    if len(t) < 2:
+        return
+    tree = shapely.STRtree(shapely.centroid(t))
+    label_index, nearest = tree.query_nearest(shapely.centroid(p), all_matches=False)
+    counts = shapely.get_num_coordinates(t)
+    for i, j in zip(label_index, nearest, strict=True):
+        if i == j or counts[i] != counts[j]:
+            continue
+        swapped = _mean_vertex_error(p[i], t[j]) + _mean_vertex_error(p[j], t[i])
+        if SWAP_FACTOR * swapped < own[i] + own[j]:
+            raise ValueError(
+                f"{where}: the labels of buildings {ids[i]} and {ids[j]} look swapped: each lies "
+                f"{swapped / 2:.1f} px (mean per vertex) from the other's true polygon and {(own[i] + own[j]) / 2:.1f} px "
+                "from its own; a label must keep its building's id: rerun the stage that writes them"
+            )
+
+
 def vertex_errors(
-    true_geoms: np.ndarray, true_ids: np.ndarray, geoms: np.ndarray, ids: np.ndarray, where: str = "labels"
+    true_geoms: np.ndarray,
+    true_ids: np.ndarray,
+    geoms: np.ndarray,
+    ids: np.ndarray,
+    where: str = "labels",
+    truth_where: str = "true polygons",
+    tile_shape: tuple[int, int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, MatchStats]:
     """Per-vertex distance between label polygons and the true polygons, matched by id.
 
@@ -41,42 +111,51 @@ def vertex_errors(
         true_geoms, true_ids: the true polygons (pixel coordinates) and their building ids.
         geoms, ids: the labels to score, same coordinate system.
         where: name of the labels (a file) used in error messages.
+        truth_where: name of the true polygons (a file) used in error messages.
+        tile_shape: (height, width) of the tile in pixels, to refuse labels outside it
+            (farther than :data:`OUTSIDE_MARGIN_PX`); None skips that check.
 
     Returns:
-        (errors, building_ids, stats): float64 array with one error per matched vertex (in the
+        (errors, building_ids, stats): float64 array with one error per vertex (in the
         truth's building order, then vertex order), the building id of each of those
-        vertices, and match counts.
+        vertices, and the counts scored.
 
     Raises:
-        ValueError: if an id repeats, or a building's vertex count differs from the truth's
-            (the labels were not derived from the truth by moving vertices).
+        ValueError: naming the file and the first ids, if an id repeats, a true building
+            has no label, a label has no true building, a building's vertex count differs
+            from the truth's (the labels were not derived from the truth by moving
+            vertices), two labels look swapped, or a label lies outside its tile.
     """
     true_ids = np.asarray(true_ids, dtype=np.int64)
     ids = np.asarray(ids, dtype=np.int64)
-    for name, arr in (("true polygons", true_ids), (where, ids)):
-        uniq, counts = np.unique(arr, return_counts=True)
-        if (counts > 1).any():
-            raise ValueError(f"{name}: building_id {uniq[counts > 1][0]} appears more than once; ids must be unique")
+    _check_ids(true_ids, ids, where, truth_where)
     index = {bid: i for i, bid in enumerate(ids)}
-    rows = [index.get(bid, -1) for bid in true_ids]
-    present = np.array([r >= 0 for r in rows], dtype=bool)
-    n_missing = int((~present).sum())
-    if n_missing:
-        logger.warning("%s: %d of %d true buildings have no label; they are not scored", where, n_missing, len(true_ids))
-    t = np.asarray(true_geoms, dtype=object)[present]
-    p = np.asarray(geoms, dtype=object)[[r for r in rows if r >= 0]]
+    t = np.asarray(true_geoms, dtype=object)
+    p = np.asarray(geoms, dtype=object)[[index[bid] for bid in true_ids]]
+    if tile_shape is not None and len(p):
+        height, width = tile_shape
+        far = shapely.distance(p, shapely.box(0, 0, width, height)) > OUTSIDE_MARGIN_PX
+        if far.any():
+            raise ValueError(
+                f"{where}: {_first(true_ids[far])} labels lie more than {OUTSIDE_MARGIN_PX:g} px outside their "
+                f"{width} x {height} px tile; the labels were written for another tile or CRS: rerun the stage "
+                "that writes them"
+            )
     nt, np_ = shapely.get_num_coordinates(t), shapely.get_num_coordinates(p)
     bad = np.flatnonzero(nt != np_)
     if len(bad):
-        bid = true_ids[present][bad[0]]
         raise ValueError(
-            f"{where}: building {bid} has {np_[bad[0]]} vertices but the truth has {nt[bad[0]]}; "
-            "labels must be the true polygons with moved vertices (same order)"
+            f"{where}: building {true_ids[bad[0]]} has {np_[bad[0]]} vertices but the truth has {nt[bad[0]]} "
+            f"({_first(true_ids[bad])} buildings differ); labels must be the true polygons with moved vertices "
+            "(same order)"
         )
     diff = shapely.get_coordinates(p) - shapely.get_coordinates(t)
     errors = np.hypot(diff[:, 0], diff[:, 1])
-    building_ids = np.repeat(true_ids[present], nt)
-    return errors, building_ids, MatchStats(n_buildings=len(true_ids), n_missing=n_missing, n_vertices=len(errors))
+    starts = np.r_[0, np.cumsum(nt)[:-1]].astype(np.int64)
+    own = np.add.reduceat(errors, starts) / np.maximum(nt, 1) if len(errors) else np.zeros(len(t))
+    _check_swaps(t, p, true_ids, own, where)
+    building_ids = np.repeat(true_ids, nt)
+    return errors, building_ids, MatchStats(n_buildings=len(true_ids), n_vertices=len(errors))
 
 
 def accuracy_curve(errors: np.ndarray, tau_max: float = TAU_MAX, step: float = TAU_STEP) -> tuple[np.ndarray, np.ndarray]:

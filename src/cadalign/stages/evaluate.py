@@ -8,7 +8,9 @@ mask-based residual of each label polygon (best translation within +-32 px again
 tile's building mask), the measure that also works for labels without vertex truth. Each
 median comes with a 95% interval from a cluster bootstrap over buildings (the vertices of
 one building share its misalignment), and the per-vertex errors are written as CSV for the
-``contrast`` stage, which pairs the rounds.
+``contrast`` stage, which pairs the rounds. Every true building is scored: labels that miss,
+add, duplicate or swap building ids, or lie outside their tile, stop the stage with an error
+naming the file; ``n_buildings`` and ``n_vertices`` (overall and per city) count what was scored.
 
 Usage::
 
@@ -44,6 +46,8 @@ def vertex_table(cities_dir: Path, truth_dir: Path, labels_dir: Path, cities: li
 
     Raises:
         FileNotFoundError: if a city has no true polygons or a tile's labels are missing.
+        ValueError: naming the file, if a tile's labels do not hold every true building once
+            (see :func:`cadalign.evaluate.vertex_errors`).
     """
     parts: dict[str, list[np.ndarray]] = {name: [] for name in evaluate.VertexTable.COLUMNS}
     for truth_path in label_files(truth_dir, cities):
@@ -56,9 +60,9 @@ def vertex_table(cities_dir: Path, truth_dir: Path, labels_dir: Path, cities: li
         info = read_info(cities_dir / city / "images" / f"{tile}.tif")
         true_geoms, true_ids = to_pixels(read_polygons(truth_path), info.transform, info.crs)
         geoms, ids = to_pixels(read_polygons(label_path), info.transform, info.crs)
-        errors, building_ids, stats = evaluate.vertex_errors(true_geoms, true_ids, geoms, ids, where=str(label_path))
-        if stats.n_missing:
-            logger.warning("%s: %d buildings missing from the labels", label_path, stats.n_missing)
+        errors, building_ids, _ = evaluate.vertex_errors(
+            true_geoms, true_ids, geoms, ids, where=str(label_path), truth_where=str(truth_path), tile_shape=info.shape
+        )
         parts["city"].append(np.full(len(errors), city))
         parts["tile"].append(np.full(len(errors), tile))
         parts["building_id"].append(building_ids)
@@ -81,7 +85,11 @@ def _summary(table: evaluate.VertexTable, mask: np.ndarray, cfg: evaluate.Bootst
         table.error_px[mask], table.building_id[mask], table.city[mask], cfg.resamples, cfg.seed
     )
     low, high = evaluate.interval(medians[:, 0])
-    return {**evaluate.summarize(table.error_px[mask]), "median_ci95_low_px": low, "median_ci95_high_px": high}
+    buildings = {(tile, bid) for tile, bid in zip(table.tile[mask], table.building_id[mask], strict=True)}
+    return {
+        **evaluate.summarize(table.error_px[mask]), "n_buildings": len(buildings),
+        "median_ci95_low_px": low, "median_ci95_high_px": high,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
