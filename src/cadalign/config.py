@@ -1,9 +1,12 @@
 """Typed, frozen stage configurations read from ``params.yaml``.
 
 Each stage declares one frozen dataclass and builds it once with :func:`load_section`.
-Unknown keys are rejected with the key's full dotted name, missing required keys are
-named, and values are checked against the annotated type, so a typo in ``params.yaml``
-fails loudly instead of being silently ignored.
+Unknown keys are rejected with the key's full dotted name (top-level sections against
+:data:`SECTIONS`), missing required keys are named, duplicate keys are refused with their
+line, and values are checked against the annotated type (numbers must be finite), so a
+typo in ``params.yaml`` fails loudly instead of being silently ignored. The file is read as
+DVC reads it (ruamel.yaml, YAML 1.2: ``1e-3`` is a number, ``yes`` a string), so a stage
+sees the values that ``dvc params diff`` and ``dvc exp run -S`` see.
 
 Example::
 
@@ -18,6 +21,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -25,11 +29,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-import yaml
+from ruamel.yaml import YAML, MappingNode, SequenceNode
+from ruamel.yaml.error import YAMLError
 
 T = TypeVar("T")
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+
+SECTIONS = (
+    "cities", "synthetic", "inria", "noise", "train", "realign", "evaluate", "similarity", "draw", "rounds",
+    "toy",
+)
+"""The top-level sections of params.yaml that some stage reads; any other name is refused as a
+typo. A new section is added here (tests/test_config.py checks this list against the stages)."""
 
 
 class ConfigError(ValueError):
@@ -37,21 +49,51 @@ class ConfigError(ValueError):
 
 
 def read_params(path: str | Path) -> dict[str, Any]:
-    """Read a YAML params file into a dict.
+    """Read a YAML params file into a dict, as DVC reads it (``dvc.utils.serialize.parse_yaml``).
 
     Raises:
-        ConfigError: if the file does not exist or is not a YAML mapping.
+        ConfigError: if the file does not exist, is not a YAML mapping, or repeats a key
+            (naming the dotted key and its line).
     """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"params file not found: {path}; pass --params with the path to params.yaml")
+    text = path.read_text()
+    yaml = YAML(typ="safe")  # DVC's loader: YAML 1.2
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
+        _check_duplicates(yaml.compose(text), path)
+        data = yaml.load(text)
+    except YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({err}); fix the syntax") from err
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     return data
+
+
+def _check_duplicates(node: Any, path: Path, prefix: str = "") -> None:
+    """Refuse a key that appears twice in one mapping: YAML loaders would keep one silently or fail."""
+    if isinstance(node, MappingNode):
+        seen: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            key = str(key_node.value)
+            dotted = f"{prefix}.{key}" if prefix else key
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise ConfigError(f"{path}, line {line}: duplicate key '{dotted}' (first on line {seen[key]}); keep one")
+            seen[key] = line
+            _check_duplicates(value_node, path, dotted)
+    elif isinstance(node, SequenceNode):
+        for i, item in enumerate(node.value):
+            _check_duplicates(item, path, f"{prefix}[{i}]")
+
+
+def _check_sections(data: dict[str, Any], path: str | Path) -> None:
+    unknown = sorted(set(data) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(
+            f"{path}: unknown section '{unknown[0]}'; the sections are {sorted(SECTIONS)} "
+            "(a new one goes into cadalign.config.SECTIONS)"
+        )
 
 
 def load_section(path: str | Path, section: str, cls: type[T]) -> T:
@@ -64,6 +106,7 @@ def load_section(path: str | Path, section: str, cls: type[T]) -> T:
             unknown key, a missing required key or a value of the wrong type.
     """
     data: Any = read_params(path)
+    _check_sections(data, path)
     for part in section.split("."):
         if not isinstance(data, dict) or part not in data:
             raise ConfigError(f"{path}: missing section '{section}'; add it to params.yaml")
@@ -144,6 +187,8 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: {value!r} is not a finite number; give a finite value")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -197,7 +242,9 @@ def load_city(path: str | Path, name: str) -> CityConfig:
 
 def load_cities(path: str | Path) -> dict[str, CityConfig]:
     """All cities of the ``cities`` section, names checked."""
-    section = read_params(path).get("cities")
+    data = read_params(path)
+    _check_sections(data, path)
+    section = data.get("cities")
     if not isinstance(section, dict) or not section:
         raise ConfigError(f"{path}: section 'cities' is missing or empty; name at least one city")
     return {check_name(name): from_dict(CityConfig, entry, f"{path}: cities.{name}") for name, entry in section.items()}
