@@ -188,7 +188,7 @@ def test_out_of_memory_gives_batch_size_hint(tmp_path: Path, monkeypatch: pytest
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(train_module, "alignment_loss", oom)
-    with pytest.raises(RuntimeError, match="lower train.batch_size in params.yaml"):
+    with pytest.raises(RuntimeError, match="lower train.optim.batch_size in params.yaml"):
         train(MODEL, LossConfig(), FAST, TinyPatches(), tmp_path / "c.pt", tmp_path / "m.pt")
     assert not (tmp_path / "m.pt").exists()
 

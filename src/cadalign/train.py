@@ -145,7 +145,9 @@ def setup_runtime(cfg: TrainConfig) -> Runtime:
     device = training_device(cfg)
     use_cuda = device.type == "cuda"
     if cfg.device != "cpu" and not use_cuda:
-        logger.warning("train.device=%r but CUDA is not available: falling back to CPU (float32)", cfg.device)
+        logger.warning(
+            "train.optim.device=%r but CUDA is not available: falling back to CPU (float32)", cfg.device
+        )
     distributed = "RANK" in os.environ
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
@@ -210,7 +212,7 @@ def loader_batches(
     if n < rt.world_size * cfg.batch_size:
         raise ValueError(
             f"the dataset has {n} patches, fewer than one batch per process "
-            f"({rt.world_size} x train.batch_size={cfg.batch_size}); lower train.batch_size"
+            f"({rt.world_size} x train.optim.batch_size={cfg.batch_size}); lower train.optim.batch_size"
         )
     sampler = _ShardedStream(n, cfg.seed, rt.rank, rt.world_size, start_step * cfg.batch_size)
     yield from _start(DataLoader(dataset, sampler=sampler, **common))
@@ -513,7 +515,7 @@ def train(
             if not math.isfinite(terms["loss"]):
                 raise FloatingPointError(
                     f"non-finite loss at step {step} ({terms}); the last checkpoint {checkpoint_path} is "
-                    "kept and no model was written: check the input patches or lower train.lr"
+                    "kept and no model was written: check the input patches or lower train.optim.lr"
                 )
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
@@ -525,8 +527,8 @@ def train(
                 optimizer.step()
         except torch.OutOfMemoryError as err:
             raise RuntimeError(
-                f"CUDA out of memory at step {step} with train.batch_size={train_cfg.batch_size} "
-                f"per process: lower train.batch_size in params.yaml"
+                f"CUDA out of memory at step {step} with train.optim.batch_size={train_cfg.batch_size} "
+                f"per process: lower train.optim.batch_size in params.yaml"
             ) from err
         done = step + 1
         bar.update(1)
