@@ -3,6 +3,12 @@
 A reader (or a rerun of an interrupted stage) never sees a half-written file: either the
 old file, or the complete new one. A write that was killed (SIGKILL, power loss) leaves its
 temporary sibling behind; the next successful write of the same path removes it.
+
+A directory cannot be renamed over a non-empty one, so replacing a directory takes three
+renames-or-deletes: the old one is renamed aside (``.<name>.aside``), the new one renamed in,
+then the old one deleted. A kill between the first two leaves the old one aside: the next
+write of the same path renames it back before it starts (and deletes an aside left after the
+second step), so no output is ever lost. One writer per path at a time.
 """
 
 from __future__ import annotations
@@ -32,20 +38,51 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _recover(path)
     started = time.time()
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     tmp.unlink()  # let the writer create it (some drivers refuse to overwrite)
+    aside = _aside(path)
     try:
         yield tmp
         if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+            os.replace(path, aside)  # kept until the new one is in place
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                os.replace(aside, path)
+                raise
+        else:
+            os.replace(tmp, path)
     except BaseException:
         _remove(tmp)
         raise
+    if aside.exists():
+        try:
+            shutil.rmtree(aside)
+        except OSError as err:  # the new output is in place: the next write removes the old one
+            logger.warning("could not remove %s, the previous %s (%s); the next write retries", aside, path, err)
     _remove_leftovers(path, started)
+
+
+def _aside(path: Path) -> Path:
+    """Where the previous directory at ``path`` waits while the new one is renamed in."""
+    return path.with_name(f".{path.name}.aside")
+
+
+def _recover(path: Path) -> None:
+    """Finish a directory replacement that a kill interrupted (see the module docstring)."""
+    aside = _aside(path)
+    if not aside.exists():
+        return
+    if os.path.lexists(path):
+        logger.info("removing %s, the previous %s left by an interrupted write", aside, path)
+        _remove(aside)
+    else:
+        logger.warning("restoring %s from %s, moved aside by an interrupted write", path, aside)
+        os.replace(aside, path)
 
 
 def _remove(tmp: Path) -> None:
