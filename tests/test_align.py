@@ -190,7 +190,7 @@ def test_predict_field_restores_training_mode_and_rejects_bad_input() -> None:
     assert model.training and model.seen_training and not any(model.seen_training)
     with pytest.raises(ValueError, match=r"image must be an \(H, W, 3\) uint8 array"):
         predict_field(model, np.zeros((20, 20), np.uint8), _geoms(), "cpu", CFG)
-    with pytest.raises(ValueError, match="align.output_size=15 is not a valid output size"):
+    with pytest.raises(ValueError, match="realign.window.output_size=15 is not a valid output size"):
         predict_field(_EvenModel(margin=5), _image(20, 20), _geoms(), "cpu", AlignConfig(output_size=15))
 
 

@@ -284,7 +284,7 @@ def _window_sizes(model: nn.Module, size_out: int) -> tuple[int, int]:
     size_in = int(model.input_size(size_out))
     if int(model.output_size(size_in)) != size_out or (size_in - size_out) % 2:
         raise ValueError(
-            f"align.output_size={size_out} is not a valid output size of this model "
+            f"realign.window.output_size={size_out} is not a valid output size of this model "
             f"(input {size_in} gives {model.output_size(size_in)}); pick one the model supports"
         )
     return size_in, (size_in - size_out) // 2
@@ -350,7 +350,7 @@ def _plan(model: nn.Module, cfg: AlignConfig, limits: WindowLimits, height: int,
     cap = _valid_output(model, cap)
     overlap = min(math.ceil(cfg.overlap * cap), cap - _period(model))
     if overlap < 0:
-        raise ValueError(f"align.output_size={cap} is smaller than the model's pooling grid ({_period(model)} px)")
+        raise ValueError(f"realign.window.output_size={cap} is smaller than the model's pooling grid ({_period(model)} px)")
     return max(_fit_side(model, n, cap, overlap) for n in (height, width)), overlap
 
 
