@@ -17,17 +17,21 @@ Usage::
     python bench/bench_train.py                       # reference model, 220 px, batch 8
     python bench/bench_train.py --device cpu --image-widths 8 16 32 64 \\
         --poly-widths 4 8 16 32 --batch-size 2 --steps 5
+    python bench/bench_train.py --tiny --json out.json   # seconds on a CPU (CI, bench/gpu_check.sh)
 
-The results are printed as a table (the script's output, not a log).
+The results are printed as a table (the script's output, not a log); ``--json`` also writes
+them. ``--tiny`` times a network of a few thousand weights on 60 px patches, uncompiled.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -125,8 +129,11 @@ def measure(step: Callable[[], float], device: torch.device, warmup: int, steps:
     return (time.perf_counter() - start) / steps
 
 
+TINY = {"input_size": 60, "image_widths": [4, 8], "poly_widths": [2, 4], "batch_size": 2, "warmup": 1, "steps": 2}
+
+
 def main() -> None:
-    """Parse arguments, time both paths, print the table."""
+    """Parse arguments, time the modes, print the table (and write the JSON)."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -140,10 +147,20 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per mode")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--modes", nargs="+", choices=list(MODES), default=list(MODES), help="modes to time (CUDA-only ones skip on CPU)"
+        "--modes", nargs="+", choices=list(MODES), default=None,
+        help="modes to time (CUDA-only ones skip on CPU; default all, --tiny: the eager ones)",
     )
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--tiny", action="store_true", help=f"a tiny network and batch, seconds on a CPU: {TINY}")
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures here as JSON")
     args = parser.parse_args()
+    if args.tiny:
+        for key, value in TINY.items():
+            setattr(args, key, value)
+    modes_asked = args.modes or [m for m in MODES if not (args.tiny and MODES[m].compile)]
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
 
     model_cfg = ModelConfig(
         image_widths=tuple(args.image_widths),
@@ -155,8 +172,8 @@ def main() -> None:
     out_size = probe.output_size(args.input_size)  # raises with valid sizes named
     n_params = sum(p.numel() for p in probe.parameters())
     on_cuda = rt.device.type == "cuda"
-    name = torch.cuda.get_device_name(rt.device) if on_cuda else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"device: {rt.device} {name}; torch {torch.__version__}")
+    device_name = torch.cuda.get_device_name(rt.device) if on_cuda else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"device: {rt.device} {device_name}; torch {torch.__version__}")
     print(
         f"model: image_widths={model_cfg.image_widths} poly_widths={model_cfg.poly_widths} "
         f"({n_params / 1e6:.2f} M parameters); input {args.input_size} px -> output {out_size} px"
@@ -166,19 +183,40 @@ def main() -> None:
         print("note: bf16 autocast skipped on CPU (training runs float32 there);")
         print("      optimized = torch.compile in float32, NCHW")
 
-    modes = [MODES[m] for m in args.modes if on_cuda or m not in CUDA_ONLY]
-    results = {}
+    modes = [MODES[m] for m in modes_asked if on_cuda or m not in CUDA_ONLY]
+    results: dict[str, dict[str, float]] = {}
     for mode in modes:
         logger.info("timing %s", mode.name)
         step = make_step(model_cfg, rt, args.batch_size, args.input_size, mode, args.seed)
         seconds = measure(step, rt.device, args.warmup, args.steps)
-        results[mode.name] = args.batch_size / seconds
+        results[mode.name] = {"ms_per_step": seconds * 1e3, "patches_per_s": args.batch_size / seconds}
         suffix = " (bf16+channels_last+compile)" if on_cuda else " (fp32+compile)"
         label = mode.name + (suffix if mode.name == "optimized" else "")
-        print(f"{label:<40s} {seconds * 1e3:9.1f} ms/step {results[mode.name]:9.1f} patches/s")
-    for name, rate in results.items():
-        if name != "eager-fp32" and "eager-fp32" in results:
-            print(f"speed-up {name} / eager-fp32: {rate / results['eager-fp32']:.2f}x")
+        print(f"{label:<40s} {seconds * 1e3:9.1f} ms/step {results[mode.name]['patches_per_s']:9.1f} patches/s")
+    speedups = {
+        name: rate["patches_per_s"] / results["eager-fp32"]["patches_per_s"]
+        for name, rate in results.items()
+        if name != "eager-fp32" and "eager-fp32" in results
+    }
+    for name, ratio in speedups.items():
+        print(f"speed-up {name} / eager-fp32: {ratio:.2f}x")
+    if args.json is not None:
+        figures = {
+            "device": f"{rt.device} {device_name}",
+            "torch": torch.__version__,
+            "n_parameters": n_params,
+            "input_size": args.input_size,
+            "output_size": out_size,
+            "batch_size": args.batch_size,
+            "warmup": args.warmup,
+            "steps": args.steps,
+            "modes": results,
+            "speedup_vs_eager_fp32": speedups,
+        }
+        if on_cuda:
+            figures["peak_gib"] = torch.cuda.max_memory_allocated(rt.device) / 2**30
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ def test_params_yaml_is_the_default_preset_with_its_comments() -> None:
     assert "# px, largest |dx|, |dy|" in (REPO / "params.yaml").read_text()
 
 
-@pytest.mark.parametrize("name", ["cpu", "gpu", "full"])
+@pytest.mark.parametrize("name", ["cpu", "gpu", "full", "tiny"])
 def test_every_preset_loads_through_the_stage_configs(name: str, tmp_path: Path) -> None:
     assert name in preset_names(CONF)
     path = tmp_path / "params.yaml"
@@ -47,12 +47,12 @@ def test_full_and_gpu_train_the_reference_network() -> None:
 
 
 def test_unknown_preset_names_the_presets(capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(ConfigError, match=r"no preset 'nope' .*the presets are cpu, full, gpu"):
+    with pytest.raises(ConfigError, match=r"no preset 'nope' .*the presets are cpu, full, gpu, tiny"):
         compose(CONF, "nope")
-    with pytest.raises(SystemExit, match=r"the presets are cpu, full, gpu"):
+    with pytest.raises(SystemExit, match=r"the presets are cpu, full, gpu, tiny"):
         main(["show", "nope", "--conf", str(CONF)])
     main(["list", "--conf", str(CONF)])
-    assert capsys.readouterr().out.split() == ["cpu", "full", "gpu"]
+    assert capsys.readouterr().out.split() == ["cpu", "full", "gpu", "tiny"]
 
 
 def test_check_names_the_drifted_key_and_the_stale_preset(tmp_path: Path) -> None:
@@ -106,7 +106,7 @@ def test_dvc_exp_run_composes_a_preset_from_one_word(tmp_path: Path) -> None:
     assert ran == compose(CONF, "cpu")
     failed = run("dvc", "exp", "run", "--dry", "-S", "preset=nope", ok=False)
     assert "Could not find 'preset/nope'" in failed.stderr
-    assert "Available options in 'preset':\n\tcpu\n\tfull\n\tgpu" in failed.stderr
+    assert "Available options in 'preset':\n\tcpu\n\tfull\n\tgpu\n\ttiny\n" in failed.stderr
     # dvc repro reads params.yaml as it is: comments and all
     run("git", "checkout", "params.yaml")
     run("dvc", "repro")
