@@ -3,8 +3,9 @@
 - :func:`write_tiny_city`: a few 64x64 GeoTIFF tiles (UTM) with a handful of buildings.
 - :func:`train_study`: a tiny city misaligned by the misalign stage, with settings for a few
   CPU training steps; :func:`run_train` and :func:`run_realign` call the stages on it.
-- :func:`similarity_study`: labels at known offsets from the truth, two seeded networks, and
-  the analyze and compare stages run on them.
+- :func:`similarity_study`: labels at known offsets from the truth (plus a seeded shift per
+  building), two seeded networks, and the analyze (with the explanation test) and compare
+  stages run on them.
 """
 
 from __future__ import annotations
@@ -125,15 +126,15 @@ train:
 similarity:
   ds: 1
   patch_size: 33       # not a valid input: rounded to 32 (output 8, margin 12)
-  patches_per_tile: 10
+  resamples: 200
   n_queries: 4
   k: 2
   chunk_size: 4
   device: cuda         # absent in CI: falls back to the CPU with a warning
 """
 SIM_SIZE, SIM_MARGIN = 32, 12
-# Windows of a 64 px tile at ds 1: (0,0), (32,0), (0,32) get a 4 px box inside their output
-# region [12, 20]; (32,32) only a box crossing its output border, so it is not analysed.
+# On the input grid (similarity.grid: input) of a 64 px tile at ds 1: (0,0), (32,0), (0,32) get
+# a 4 px box inside their output region [12, 20]; (32,32) only a box crossing its output border.
 SIM_GOOD = [(0, 0), (32, 0), (0, 32)]
 
 
@@ -142,10 +143,14 @@ def _truth_geoms() -> np.ndarray:
     return geometry_array(boxes + [shapely.box(40, 40, 60, 60)])
 
 
-def _write_labels(root: Path, cities: Path, shift: tuple[float, float]) -> Path:
+def _write_labels(root: Path, cities: Path, shift: tuple[float, float], spread: float = 0.0, seed: int = 0) -> Path:
+    """Truth moved by ``shift`` plus, per building, a seeded normal shift of ``spread`` px."""
+    rng = np.random.default_rng(seed)
     for image in sorted((cities / "tinytown" / "images").glob("*.tif")):
         info = read_info(image)
-        geoms = shapely.transform(_truth_geoms(), lambda xy: xy + shift)
+        truth = _truth_geoms()
+        per_building = np.repeat(rng.normal(0.0, spread, (len(truth), 2)), shapely.get_num_coordinates(truth), axis=0)
+        geoms = shapely.transform(truth, lambda xy: xy + shift + per_building)
         ids = np.arange(len(geoms), dtype=np.int64)
         write_polygons(root / "tinytown" / f"{image.stem}.gpkg", *from_pixels(geoms, ids, info.transform, info.crs))
     return root
@@ -159,12 +164,12 @@ def _save_net(path: Path, seed: int) -> None:
     torch.save({"model": net.state_dict(), "config": dataclasses.asdict(SIM_MODEL)}, path)
 
 
-def run_analyze(s: dict[str, Path], name: str, labels: str) -> Path:
+def run_analyze(s: dict[str, Path], name: str, labels: str, after: str) -> Path:
     out = s["root"] / "similarity" / name
     analyze.main(
         ["--params", str(s["params"]), "--round", name, "--cities-dir", str(s["cities"]),
-         "--truth", str(s["truth"]),
-         "--labels", str(s[labels]), "--models", str(s["root"] / "models" / name), "--out", str(out)]
+         "--truth", str(s["truth"]), "--labels", str(s[labels]), "--labels-after", str(s[after]),
+         "--models", str(s["root"] / "models" / name), "--out", str(out)]
     )
     return out
 
@@ -179,15 +184,16 @@ def similarity_study(root: Path) -> dict[str, Path]:
         "params": params,
         "cities": cities,
         "truth": _write_labels(root / "truth", cities, (0.0, 0.0)),
-        "round0": _write_labels(root / "labels" / "round0", cities, (3.0, -3.0)),  # off the outputs
-        "round1": _write_labels(root / "labels" / "round1", cities, (-0.5, 0.5)),
+        "round0": _write_labels(root / "labels" / "round0", cities, (2.0, -2.0), 1.0, 1),
+        "round1": _write_labels(root / "labels" / "round1", cities, (-0.5, 0.5), 0.5, 2),
+        "round2": _write_labels(root / "labels" / "round2", cities, (0.2, 0.2), 0.3, 3),
     }
     _save_net(root / "models" / "round1" / "ds1.pt", 0)
     _save_net(root / "models" / "round2" / "ds1.pt", 1)
     before = torch.get_num_threads()
     torch.set_num_threads(1)
-    s["out1"] = run_analyze(s, "round1", "round0")
-    s["out2"] = run_analyze(s, "round2", "round1")
+    s["out1"] = run_analyze(s, "round1", "round0", "round1")
+    s["out2"] = run_analyze(s, "round2", "round1", "round2")
     torch.set_num_threads(before)
     s["compare"] = root / "similarity" / "compare"
     compare.main(

@@ -45,6 +45,7 @@ import time
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -53,15 +54,20 @@ from torch import Tensor, nn
 from cadalign.similarity.density import (
     KnnResult,
     all_neighbour_counts,
+    counts_from_matrix,
+    knn_from_matrix,
     nearest_neighbours,
     soft_counts_linear,
 )
 from cadalign.similarity.grads import Method, OutputFn, ParamList, iter_grad_chunks, per_sample_grads
+from cadalign.similarity.kernels import DEFAULT_REL_FLOOR, inv_sqrt_psd, k_rot, k_trace
 
 logger = logging.getLogger(__name__)
 
 QUERY_STREAM = 1
 """Second word of the query generator's seed, so queries and per-tile choices never share a stream."""
+CAP_STREAM = 2
+"""Second word of the seed of the draw under ``max_patches``."""
 
 
 def nearest_valid_input_size(is_valid: Callable[[int], bool], size: int, search: int = 64) -> int:
@@ -113,25 +119,32 @@ def nearest_network_input_size(model: nn.Module, size: int) -> int:
     return nearest_valid_input_size(valid, size)
 
 
-def grid_windows(height: int, width: int, size: int) -> np.ndarray:
-    """Top-left corners of a non-overlapping grid of ``size x size`` windows inside an image.
+def grid_windows(height: int, width: int, size: int, stride: int | None = None) -> np.ndarray:
+    """Top-left corners of a regular grid of ``size x size`` windows inside an image.
+
+    With ``stride = size`` (the default) the windows do not overlap. With ``stride`` = the
+    network's OUTPUT side ``O`` the input windows share their margins (context) but their
+    output regions (``[x0 + margin, x0 + margin + O)``) tile the image without overlap:
+    every window that fits in the image, no output pixel in two patches.
 
     Args:
         height: Image rows.
         width: Image columns.
         size: Window side in pixels (>= 1).
+        stride: Step between windows (>= 1); None: ``size``.
 
     Returns:
         ``(n, 2)`` int64 array of ``(x0, y0)`` (column, row), row-major; empty if the image
         is smaller than one window.
 
     Raises:
-        ValueError: if ``size`` < 1.
+        ValueError: if ``size`` or ``stride`` < 1.
     """
-    if size < 1:
-        raise ValueError(f"window size {size} must be >= 1 px")
-    xs = np.arange(0, width - size + 1, size, dtype=np.int64)
-    ys = np.arange(0, height - size + 1, size, dtype=np.int64)
+    stride = size if stride is None else stride
+    if size < 1 or stride < 1:
+        raise ValueError(f"window size {size} and stride {stride} must be >= 1 px")
+    xs = np.arange(0, width - size + 1, stride, dtype=np.int64)
+    ys = np.arange(0, height - size + 1, stride, dtype=np.int64)
     gy, gx = np.meshgrid(ys, xs, indexing="ij")
     return np.stack([gx.ravel(), gy.ravel()], axis=1)
 
@@ -167,12 +180,57 @@ def windows_with_polygon(windows: np.ndarray, size: int, margin: int, bounds: np
     return inside.all(-1).any(-1)
 
 
-def select_windows(candidates: np.ndarray, per_tile: int, seed: int, tile_name: str) -> np.ndarray:
+def windows_with_vertex(windows: np.ndarray, size: int, margin: int, vertices: np.ndarray) -> np.ndarray:
+    """Which windows have at least one vertex in their output region (as training patches need).
+
+    The output region is the half-open square ``[x0 + margin, x0 + size - margin)`` (and
+    likewise in y), so on a grid of stride ``size - 2 margin`` each point lies in one region.
+
+    Args:
+        windows: ``(n, 2)`` top-left corners ``(x0, y0)``.
+        size: Input window side ``S``.
+        margin: ``(S - O) / 2``.
+        vertices: ``(m, 2)`` vertex coordinates, same pixel frame as ``windows``.
+
+    Returns:
+        ``(n,)`` bool mask.
+
+    Raises:
+        ValueError: if the margin leaves no output region.
+    """
+    return vertices_per_window(windows, size, margin, vertices).any(0)
+
+
+def vertices_per_window(windows: np.ndarray, size: int, margin: int, vertices: np.ndarray) -> np.ndarray:
+    """``(m, n)`` bool: vertex ``i`` lies in the (half-open) output region of window ``j``.
+
+    Args:
+        windows: ``(n, 2)`` top-left corners ``(x0, y0)``.
+        size: Input window side ``S``.
+        margin: ``(S - O) / 2``.
+        vertices: ``(m, 2)`` coordinates ``(x, y)`` in the frame of ``windows``.
+
+    Returns:
+        The membership matrix.
+
+    Raises:
+        ValueError: if the margin leaves no output region.
+    """
+    windows = np.asarray(windows).reshape(-1, 2)
+    vertices = np.asarray(vertices, dtype=float).reshape(-1, 2)
+    if not 0 <= 2 * margin < size:
+        raise ValueError(f"margin {margin} leaves no output region in a {size} px window")
+    lo = windows[None, :, :] + margin  # (1, n, 2)
+    hi = windows[None, :, :] + size - margin
+    return ((vertices[:, None, :] >= lo) & (vertices[:, None, :] < hi)).all(-1)
+
+
+def select_windows(candidates: np.ndarray, per_tile: int | None, seed: int, tile_name: str) -> np.ndarray:
     """Up to ``per_tile`` of a tile's candidate windows, drawn without replacement.
 
     Args:
         candidates: ``(n, 2)`` candidate corners, in grid order.
-        per_tile: Largest number kept (>= 1).
+        per_tile: Largest number kept (>= 1); None keeps all.
         seed: Study seed of the patch choice.
         tile_name: The tile's name; with ``seed`` it fixes the draw.
 
@@ -182,13 +240,35 @@ def select_windows(candidates: np.ndarray, per_tile: int, seed: int, tile_name: 
     Raises:
         ValueError: if ``per_tile`` < 1.
     """
-    if per_tile < 1:
-        raise ValueError(f"patches_per_tile={per_tile} must be >= 1")
+    if per_tile is not None and per_tile < 1:
+        raise ValueError(f"patches_per_tile={per_tile} must be >= 1 or null (every window)")
     candidates = np.asarray(candidates).reshape(-1, 2)
-    if len(candidates) <= per_tile:
+    if per_tile is None or len(candidates) <= per_tile:
         return candidates
     rng = np.random.default_rng([seed, zlib.crc32(tile_name.encode())])
     return candidates[np.sort(rng.choice(len(candidates), per_tile, replace=False))]
+
+
+def cap_patches(n: int, max_patches: int | None, seed: int) -> np.ndarray:
+    """Indices of the patches kept when there are more than ``max_patches``: a seeded draw, sorted.
+
+    Args:
+        n: Number of candidate patches.
+        max_patches: Largest number kept (>= 1); None keeps all.
+        seed: Study seed (generator ``default_rng([seed, CAP_STREAM])``).
+
+    Returns:
+        ``(min(n, max_patches),)`` int64 sorted indices.
+
+    Raises:
+        ValueError: if ``max_patches`` < 1.
+    """
+    if max_patches is not None and max_patches < 1:
+        raise ValueError(f"max_patches={max_patches} must be >= 1 or null (no cap)")
+    if max_patches is None or n <= max_patches:
+        return np.arange(n, dtype=np.int64)
+    rng = np.random.default_rng([seed, CAP_STREAM])
+    return np.sort(rng.choice(n, max_patches, replace=False)).astype(np.int64)
 
 
 def choose_queries(n: int, n_queries: int, seed: int) -> np.ndarray:
@@ -309,6 +389,132 @@ class GradientSource:
             )
 
 
+def kernel_matrices(
+    parts: Sequence[Tensor], rel_floor: float = DEFAULT_REL_FLOOR, step: int = 8192
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """``k^C`` of every pair of samples held in memory, from one float64 Gram matrix.
+
+    The raw kernels ``K(x, x') = G(x)^T G(x')`` of all pairs come from one product of the
+    ``(n d) x p`` stacked gradients with themselves, accumulated over slices of ``step``
+    parameters (each slice converted to float64, so ``C(x)`` is the same float64 matrix the
+    streaming functions form); then ``K^C = C(x)^{-1/2} K C(x')^{-1/2}`` per pair. ``O(n^2 d^2)``
+    memory, no per-chunk re-whitening: the fast path when the gradients are cached.
+    For ``d = 1`` (``parts`` of shape ``(b, m, 1)``) ``k^C`` is the cosine similarity of the
+    vectors, which is how the baselines use it. Zero vectors follow
+    :mod:`cadalign.similarity.kernels`: ``k^C`` 0 to every other sample, 1 to themselves.
+
+    Args:
+        parts: Chunks ``(b, p, d)`` of all samples, in order.
+        rel_floor: Eigenvalue floor of ``C^{-1/2}``.
+        step: Parameters per slice of the product (bounds the float64 copies).
+
+    Returns:
+        ``(k_c, k_rot, degenerate)``: ``(n, n)`` float64 ``k^C``, the ``(n, n)``
+        ``k^{C,rot}`` for ``d = 2`` (else None), ``(n,)`` bool zero-vector flags.
+
+    Raises:
+        ValueError: if ``parts`` is empty or their shapes differ.
+    """
+    if not parts or any(c.ndim != 3 or c.shape[1:] != parts[0].shape[1:] for c in parts):
+        raise ValueError(f"expected chunks (b, p, d) of one shape, got {[tuple(c.shape) for c in parts]}")
+    p, d = parts[0].shape[1:]
+    n = sum(c.shape[0] for c in parts)
+    dev = parts[0].device
+    gram = torch.zeros(n * d, n * d, dtype=torch.float64, device=dev)
+    for lo in range(0, p, step):
+        flat = torch.cat([c[:, lo : lo + step].double().transpose(1, 2).reshape(-1, c[:, lo : lo + step].shape[1]) for c in parts])
+        gram.addmm_(flat, flat.T)
+    k = gram.view(n, d, n, d).permute(0, 2, 1, 3)  # k[i, j] = G_i^T G_j
+    diag = torch.arange(n, device=dev)
+    r, degenerate = inv_sqrt_psd(k[diag, diag], rel_floor)
+    kc = r[:, None] @ k @ r[None, :]
+    sim, sim_rot = k_trace(kc), (k_rot(kc) if d == 2 else None)
+    for m in (sim, sim_rot):
+        if m is not None:
+            m[diag[degenerate], diag[degenerate]] = 1.0  # self-similarity of a zero vector
+    return sim, sim_rot, degenerate
+
+
+def gram_fits(n: int, d: int, budget_bytes: int) -> bool:
+    """Whether the ``(n d)^2`` float64 Gram matrix (and its ``k^C`` copies) fit in ``budget_bytes``."""
+    return 3 * (n * d) ** 2 * 8 <= budget_bytes
+
+
+def input_vectors(inputs: tuple[Tensor, ...]) -> Tensor:
+    """The raw network inputs of each sample, flattened and concatenated: ``(n, m)`` (baseline (a))."""
+    return torch.cat([x.flatten(1) for x in inputs], 1)
+
+
+def layer_input_features(
+    model: nn.Module,
+    layer: nn.Module,
+    inputs: tuple[Tensor, ...],
+    pool: Literal["sum", "center"],
+    chunk_size: int = 64,
+) -> Tensor:
+    """The input of ``layer`` (a feature map), pooled per sample: ``(n, C)`` (baseline (b)).
+
+    For the alignment network, ``layer = model.disp_heads[0]``: its input is the last
+    decoder level's features, the "perceptual" view of the network (paper section 2.3).
+    Pooled the way the analysed output is taken: the mean over the map for ``"sum"``, the
+    centre pixel ``(H // 2, W // 2)`` for ``"center"``.
+
+    Args:
+        model: The network in eval mode.
+        layer: A module it calls once per forward pass.
+        inputs: Batched inputs (may stay on the CPU).
+        pool: ``"sum"`` or ``"center"``.
+        chunk_size: Samples per forward pass.
+
+    Returns:
+        ``(n, C)`` float32 features on the model's device.
+
+    Raises:
+        ValueError: for an unknown ``pool`` or a layer the forward pass does not call.
+    """
+    if pool not in ("sum", "center"):
+        raise ValueError(f"pool must be 'sum' or 'center', got {pool!r}")
+    device = next(model.parameters()).device
+    kept: list[Tensor] = []
+    handle = layer.register_forward_hook(lambda module, args, out: kept.append(args[0]))
+    out = []
+    try:
+        with torch.no_grad():
+            for start in range(0, inputs[0].shape[0], chunk_size):
+                kept.clear()
+                model(*(x[start : start + chunk_size].to(device) for x in inputs))
+                if len(kept) != 1:
+                    raise ValueError(f"the layer ran {len(kept)} times in one forward pass; expected once")
+                f = kept[0]
+                out.append(f.mean((2, 3)) if pool == "sum" else f[:, :, f.shape[2] // 2, f.shape[3] // 2])
+    finally:
+        handle.remove()
+    return torch.cat(out).float()
+
+
+def baseline_counts(
+    vectors: Tensor, taus: Sequence[float], alphas: Sequence[float]
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Neighbour counts under the cosine similarity of per-sample vectors (the baselines' kernel).
+
+    ``k(x, x') = <v(x), v(x')> / (|v(x)| |v(x')|)`` is ``k^C`` of a one-output "gradient"
+    ``v(x)``: 1 on the diagonal and in [-1, 1], so ``N_S``, ``N_tau``, ``N_alpha+`` mean the
+    same as for the gradients (self included).
+
+    Args:
+        vectors: ``(n, m)`` per-sample vectors.
+        taus: Thresholds of ``N_tau``.
+        alphas: Exponents of ``N_alpha+``.
+
+    Returns:
+        ``(counts, sim)``: counts as :func:`~cadalign.similarity.density.count_keys`
+        (``rot=False``), ``(n,)`` float64 arrays; and the ``(n, n)`` cosine matrix.
+    """
+    sim, _, _ = kernel_matrices([vectors.unsqueeze(-1)])
+    counts = counts_from_matrix(sim, taus, alphas)
+    return {key: value.cpu().numpy() for key, value in counts.items()}, sim.cpu().numpy()
+
+
 @dataclass(frozen=True)
 class SimilarityResult:
     """Statistics of one network on one patch set.
@@ -381,11 +587,19 @@ def analyse(
     source = GradientSource(model, params, inputs, output_fn, chunk_size, method, cache_bytes)
     soft = soft_counts_linear(source, progress=progress)
     t1 = time.perf_counter()
-    counts = all_neighbour_counts(source, taus=taus, alphas=alphas, progress=progress)
-    t2 = time.perf_counter()
     qi = torch.from_numpy(query_indices)
-    queries = source.rows(qi)
-    knn = nearest_neighbours(queries, source, k=k, query_indices=qi.to(queries.device), bins=bins)
+    chunks = list(source()) if source.cached else []
+    if chunks and gram_fits(n, chunks[0].shape[-1], cache_bytes):
+        # all pairs from one Gram product of the cached gradients (no re-whitening per chunk)
+        sim, sim_rot, _ = kernel_matrices(chunks)
+        counts = counts_from_matrix(sim, taus, alphas, sim_rot)
+        t2 = time.perf_counter()
+        knn = knn_from_matrix(sim, qi, k=k, bins=bins)
+    else:
+        counts = all_neighbour_counts(source, taus=taus, alphas=alphas, progress=progress)
+        t2 = time.perf_counter()
+        queries = source.rows(qi)
+        knn = nearest_neighbours(queries, source, k=k, query_indices=qi.to(queries.device), bins=bins)
     t3 = time.perf_counter()
     timings = {
         "gradients": source.grad_seconds,

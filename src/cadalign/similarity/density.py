@@ -312,15 +312,54 @@ def neighbour_counts(
     q = queries.shape[0]
     out = {key: torch.zeros(q, dtype=dtype, device=queries.device) for key in count_keys(taus, alphas, rot)}
     for sim, sim_rot, _, _ in _similarities(queries, source, query_indices, rel_floor, dtype, rot):
-        for suffix, values in (("", sim), ("_rot", sim_rot)):
-            if values is None:
-                continue
-            out[f"N_S{suffix}"] += values.sum(1)
-            for t in taus:
-                out[f"N_tau{suffix}_{t:g}"] += (values >= t).sum(1)
-            pos = values.clamp_min(0)
-            for a in alphas:
-                out[f"N_alpha{suffix}_{a:g}"] += pos.pow(a).sum(1)
+        _add_counts(out, sim, sim_rot, taus, alphas)
+    return out
+
+
+def _add_counts(
+    out: dict[str, Tensor], sim: Tensor, sim_rot: Tensor | None, taus: Sequence[float], alphas: Sequence[float]
+) -> None:
+    """Add the counts of one ``(Q, b)`` block of similarities (and of ``k^{C,rot}``) into ``out``."""
+    for suffix, values in (("", sim), ("_rot", sim_rot)):
+        if values is None:
+            continue
+        out[f"N_S{suffix}"] += values.sum(1)
+        for t in taus:
+            out[f"N_tau{suffix}_{t:g}"] += (values >= t).sum(1)
+        pos = values.clamp_min(0)
+        for a in alphas:
+            out[f"N_alpha{suffix}_{a:g}"] += pos.pow(a).sum(1)
+
+
+def counts_from_matrix(
+    sim: Tensor, taus: Sequence[float] = (0.9,), alphas: Sequence[float] = (1.0,), sim_rot: Tensor | None = None
+) -> dict[str, Tensor]:
+    """The counts of :func:`neighbour_counts` from a full ``(n, n)`` similarity matrix of ``D`` against itself.
+
+    The diagonal is the self-similarity and is counted (the module's rule). Any kernel
+    works: ``k^C`` (then ``sim_rot`` is ``k^{C,rot}``) or a baseline such as the cosine of
+    raw inputs, whose diagonal is 1 like ``k^C``'s.
+
+    Args:
+        sim: ``(n, n)`` similarities, row ``i`` = patch ``i`` against all.
+        taus: Thresholds of ``N_tau``.
+        alphas: Exponents of ``N_alpha+``.
+        sim_rot: Optional ``(n, n)`` rotation-invariant similarities.
+
+    Returns:
+        Dict of ``(n,)`` tensors in ``sim``'s dtype, keys as :func:`count_keys`.
+
+    Raises:
+        ValueError: if a matrix is not square, or on repeated levels or non-positive alphas.
+    """
+    for m in (sim, sim_rot):
+        if m is not None and (m.ndim != 2 or m.shape[0] != m.shape[1] or m.shape != sim.shape):
+            raise ValueError(f"similarity matrices must be (n, n) and alike, got {tuple(m.shape)}")
+    if any(a <= 0 for a in alphas):
+        raise ValueError(f"alphas must be > 0, got {list(alphas)}")
+    keys = count_keys(taus, alphas, sim_rot is not None)
+    out = {key: torch.zeros(sim.shape[0], dtype=sim.dtype, device=sim.device) for key in keys}
+    _add_counts(out, sim, sim_rot, taus, alphas)
     return out
 
 
@@ -394,28 +433,65 @@ def nearest_neighbours(
         ValueError: on bad shapes, ``k < 1`` or ``bins < 1``.
     """
     _check_queries(queries, query_indices)
-    if k < 1 or bins < 1:
-        raise ValueError(f"k and bins must be >= 1, got k={k}, bins={bins}")
-    q, dev = queries.shape[0], queries.device
-    best_v = torch.full((q, k), -math.inf, dtype=dtype, device=dev)
-    best_i = torch.full((q, k), -1, dtype=torch.long, device=dev)
-    hist = torch.zeros(q * bins, dtype=torch.long, device=dev)
-    below = torch.zeros(q, dtype=torch.long, device=dev)
-    above = torch.zeros(q, dtype=torch.long, device=dev)
-    rows = torch.arange(q, device=dev).view(-1, 1)
+    knn = _KnnAccumulator(queries.shape[0], k, bins, dtype, queries.device)
     for sim, _, start, mask in _similarities(queries, source, query_indices, rel_floor, dtype):
+        knn.add(sim, start, mask)
+    return knn.result()
+
+
+class _KnnAccumulator:
+    """Running k best and ``[0, 1]`` histogram of ``(Q, b)`` similarity blocks (self-pairs masked out)."""
+
+    def __init__(self, q: int, k: int, bins: int, dtype: torch.dtype, device: torch.device) -> None:
+        if k < 1 or bins < 1:
+            raise ValueError(f"k and bins must be >= 1, got k={k}, bins={bins}")
+        self.k, self.bins = k, bins
+        self.best_v = torch.full((q, k), -math.inf, dtype=dtype, device=device)
+        self.best_i = torch.full((q, k), -1, dtype=torch.long, device=device)
+        self.hist = torch.zeros(q * bins, dtype=torch.long, device=device)
+        self.below = torch.zeros(q, dtype=torch.long, device=device)
+        self.above = torch.zeros(q, dtype=torch.long, device=device)
+        self.rows = torch.arange(q, device=device).view(-1, 1)
+
+    def add(self, sim: Tensor, start: int, mask: Tensor | None) -> None:
+        """Fold in the similarities of the samples ``start .. start + b``; ``mask`` marks self-pairs."""
+        q, bins, dev = sim.shape[0], self.bins, sim.device
         valid = torch.ones_like(sim, dtype=torch.bool) if mask is None else ~mask
-        below += ((sim < 0) & valid).sum(1)
-        above += ((sim > 1) & valid).sum(1)
+        self.below += ((sim < 0) & valid).sum(1)
+        self.above += ((sim > 1) & valid).sum(1)
         inside = valid & (sim >= 0) & (sim <= 1)
-        bin_idx = (sim * bins).floor().long().clamp(0, bins - 1) + rows * bins
-        hist += torch.bincount(bin_idx[inside], minlength=q * bins)
-        cand_v = torch.cat([best_v, sim.masked_fill(~valid, -math.inf)], 1)
+        bin_idx = (sim * bins).floor().long().clamp(0, bins - 1) + self.rows * bins
+        self.hist += torch.bincount(bin_idx[inside], minlength=q * bins)
+        cand_v = torch.cat([self.best_v, sim.to(self.best_v.dtype).masked_fill(~valid, -math.inf)], 1)
         idx = torch.arange(start, start + sim.shape[1], device=dev).expand(q, -1)
-        cand_i = torch.cat([best_i, torch.where(valid, idx, torch.full_like(idx, -1))], 1)
-        best_v, pos = cand_v.topk(k, dim=1)
-        best_i = cand_i.gather(1, pos)
-    return KnnResult(best_i, best_v, hist.view(q, bins), below, above)
+        cand_i = torch.cat([self.best_i, torch.where(valid, idx, torch.full_like(idx, -1))], 1)
+        self.best_v, pos = cand_v.topk(self.k, dim=1)
+        self.best_i = cand_i.gather(1, pos)
+
+    def result(self) -> KnnResult:
+        return KnnResult(self.best_i, self.best_v, self.hist.view(-1, self.bins), self.below, self.above)
+
+
+def knn_from_matrix(sim: Tensor, query_indices: Tensor, k: int = 10, bins: int = 100) -> KnnResult:
+    """:func:`nearest_neighbours` of some samples of ``D`` from the full ``(n, n)`` similarity matrix.
+
+    Args:
+        sim: ``(n, n)`` similarities of ``D`` against itself.
+        query_indices: ``(Q,)`` int64 indices of the queries (their self-pair is excluded).
+        k: Number of neighbours.
+        bins: Number of equal histogram bins on [0, 1].
+
+    Returns:
+        :class:`KnnResult`.
+
+    Raises:
+        ValueError: if ``k < 1`` or ``bins < 1``.
+    """
+    query_indices = query_indices.to(sim.device)
+    knn = _KnnAccumulator(len(query_indices), k, bins, sim.dtype, sim.device)
+    block = sim[query_indices]
+    knn.add(block, 0, _self_mask(query_indices, len(query_indices), 0, sim.shape[1], sim.device))
+    return knn.result()
 
 
 def uncertainty(source: ChunkSource) -> Tensor:

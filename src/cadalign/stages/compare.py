@@ -9,7 +9,12 @@ rounds overlaid, plus a summary table:
   N_S) than rounds 1 and 3;
 - ``query_hist.png``: small multiples, one panel per query (the first ``--queries``), the
   k^C histogram of that query to all other patches for each round;
-- ``summary.csv`` (one row per round) and ``metrics.json`` (``{round: {statistic: value}}``).
+- ``summary.csv`` (one row per round: the median N_S with its bootstrap interval, the
+  explanation test's headline, ...);
+- ``changes.csv``: the change of the median N_S between consecutive rounds, with a paired
+  95% bootstrap interval (the same resampled patches in both rounds; resamples and seed
+  from the rounds' metrics.json, which must agree);
+- ``metrics.json``: ``{round: {statistic: value}, "changes": {"<a>_to_<b>": {...}}}``.
 
 Usage::
 
@@ -34,6 +39,7 @@ import numpy as np
 
 from cadalign.atomic import atomic_path, write_json
 from cadalign.plots import ROUND_COLOURS, save_figure
+from cadalign.similarity.explain import paired_median_change
 from cadalign.stages.common import setup_logging
 from cadalign.tracking import stage_run
 
@@ -44,6 +50,8 @@ SUMMARY_KEYS = (
     "n_patches",
     "N_S_mean",
     "N_S_median",
+    "N_S_median_lo",
+    "N_S_median_hi",
     "N_S_q10",
     "N_S_q90",
     "N_S_fraction_median",
@@ -52,6 +60,8 @@ SUMMARY_KEYS = (
     "knn_frac_above",
     "query_frac_above",
     "n_zero_gradient",
+    "explain_spearman",
+    "explain_slope",
     "wall_seconds",
     "peak_memory_bytes",
 )
@@ -220,6 +230,38 @@ def summary_rows(rounds: Mapping[str, RoundStats]) -> list[list[object]]:
     return [[name] + [data.metrics.get(key, "") for key in SUMMARY_KEYS] for name, data in rounds.items()]
 
 
+CHANGE_COLUMNS = ("from", "to", "N_S_median_from", "N_S_median_to", "change", "change_lo", "change_hi")
+
+
+def median_changes(rounds: Mapping[str, RoundStats]) -> dict[str, dict[str, float]]:
+    """Change of the median N_S from each round to the next, with its paired bootstrap interval.
+
+    Args:
+        rounds: Round name -> its statistics (same patches), in order.
+
+    Returns:
+        ``{"<a>_to_<b>": {"change", "change_lo", "change_hi"}}`` for consecutive rounds.
+
+    Raises:
+        ValueError: if the rounds' bootstrap settings are missing or differ.
+    """
+    settings = {
+        name: (r.metrics.get("bootstrap_resamples"), r.metrics.get("bootstrap_seed")) for name, r in rounds.items()
+    }
+    if any(None in v for v in settings.values()) or len(set(settings.values())) > 1:
+        raise ValueError(
+            f"bootstrap settings (resamples, seed) per round: {settings}; rerun every analyze stage with the same "
+            "similarity.resamples and similarity.seed"
+        )
+    resamples, seed = (int(v) for v in next(iter(settings.values())))
+    names = list(rounds)
+    out = {}
+    for a, b in zip(names, names[1:]):
+        change, low, high = paired_median_change(rounds[a].n_s, rounds[b].n_s, resamples, seed)
+        out[f"{a}_to_{b}"] = {"change": change, "change_lo": low, "change_hi": high}
+    return out
+
+
 def _round_arg(text: str) -> tuple[str, Path]:
     name, sep, folder = text.partition("=")
     if not sep or not name or not folder:
@@ -259,14 +301,23 @@ def main(argv: list[str] | None = None) -> None:
                 writer = csv.writer(fh)
                 writer.writerow(["round", *SUMMARY_KEYS])
                 writer.writerows(summary_rows(rounds))
-            summary = {
+            changes = median_changes(rounds)
+            with (tmp / "changes.csv").open("w", newline="") as fh:
+                writer = csv.writer(fh)
+                writer.writerow(CHANGE_COLUMNS)
+                for key, c in changes.items():
+                    a, b = key.split("_to_")
+                    medians = [float(np.median(rounds[x].n_s)) for x in (a, b)]
+                    writer.writerow([a, b, *medians, c["change"], c["change_lo"], c["change_hi"]])
+            summary: dict[str, Any] = {
                 n: {k: r.metrics[k] for k in SUMMARY_KEYS if k in r.metrics} for n, r in rounds.items()
             }
+            summary["changes"] = changes
             write_json(tmp / "metrics.json", summary)
         run.log_metrics(summary)
         for name in ("ns_distribution.png", "query_hist.png"):
             run.log_figure(args.out / name)
-        for name in ("summary.csv", "metrics.json"):
+        for name in ("summary.csv", "changes.csv", "metrics.json"):
             run.log_artifact(args.out / name)
     medians = ", ".join(f"{n} {r.metrics.get('N_S_median', math.nan):.2f}" for n, r in rounds.items())
     logger.info("median N_S per round: %s (of %d patches)", medians, n_patches)
