@@ -15,11 +15,18 @@ Usage::
 
 from __future__ import annotations
 
+import contextlib
 import io
 import re
 import socket
 import struct
+import subprocess
+import sys
+import tempfile
 import threading
+import time
+import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -184,3 +191,42 @@ def serve_volumes(server: LocalServer, parts: list[str], volumes: list[bytes], p
     """Serve the 7z volumes of a fake Inria archive as ``prefix + part name``, like files.inria.fr."""
     for name, data in zip(parts, volumes, strict=True):
         server.add(prefix + name, Route(data=data))
+
+
+@contextlib.contextmanager
+def mlflow_server(backend_uri: str, timeout: float = 120.0) -> Iterator[str]:
+    """A real ``mlflow server`` on 127.0.0.1 over ``backend_uri``; yields its base URL.
+
+    Started as a subprocess (one worker), polled on ``/health`` until it answers, stopped on exit.
+    """
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = tempfile.TemporaryFile()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri,
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=2) as reply:
+                    if reply.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                log.seek(0)
+                raise RuntimeError(f"mlflow server did not start: {log.read()[-2000:].decode(errors='replace')}")
+            time.sleep(0.5)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()

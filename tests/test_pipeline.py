@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 import shutil
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from conftest import TINY_STUDY_PARAMS, make_dvc_project
+from servers import mlflow_server
 
 
 @pytest.mark.slow
@@ -28,8 +32,13 @@ def test_dvc_repro_whole_study(tmp_path, monkeypatch) -> None:
     for k in range(4):
         metrics = json.loads((proj / "data" / "eval" / f"round{k}" / "metrics.json").read_text())
         assert metrics["n_vertices"] > 0 and 0 <= metrics["auc"] <= 1
-    shown = json.loads(dvc("metrics", "show", "--json"))
-    assert "data/eval/round3/metrics.json" in json.dumps(shown)
+    # the DVC metrics are the headline of each label set: one short row each
+    table = dvc("metrics", "show").splitlines()
+    assert [line.split()[0] for line in table[1:]] == [f"data/metrics/round{k}.json" for k in range(4)]
+    assert max(map(len, table)) <= 120, "\n".join(table)
+    headline = json.loads((proj / "data" / "metrics" / "round3.json").read_text())
+    round3 = json.loads((proj / "data" / "eval" / "round3" / "metrics.json").read_text())
+    assert headline["median_px"] == round3["median_error_px"] and headline["auc"] == round3["auc"]
     for fig in ("accuracy.png", "overlay.png"):
         assert (proj / "data" / "figures" / fig).read_bytes()[:4] == b"\x89PNG"
     assert sorted(p.name for p in (proj / "data" / "models" / "round2").iterdir()) == ["ds1.pt", "ds2.pt"]
@@ -37,10 +46,10 @@ def test_dvc_repro_whole_study(tmp_path, monkeypatch) -> None:
     assert [p.name for p in (proj / "data" / "models" / "round3").iterdir()] == ["ds2.pt"]
     # train.grow: round 1 starts from the coarsest network only
     assert [p.name for p in (proj / "data" / "models" / "round0").iterdir()] == ["ds2.pt"]
-    changes = json.loads((proj / "data" / "eval" / "changes" / "metrics.json").read_text())
+    changes = json.loads((proj / "data" / "changes" / "metrics.json").read_text())
     assert list(changes) == ["round0_to_round1", "round1_to_round2", "round2_to_round3"]
     assert all(c["ci95_low_px"] <= c["median_change_px"] <= c["ci95_high_px"] for c in changes.values())
-    compare = json.loads((proj / "data" / "similarity" / "compare" / "metrics.json").read_text())
+    compare = json.loads((proj / "data" / "compare" / "metrics.json").read_text())
     assert set(compare) == {"round1", "round2", "round3"}
     assert all(compare[r]["n_patches"] > 0 for r in compare)
     # a second repro has nothing to do
@@ -58,6 +67,7 @@ def test_dvc_repro_whole_study(tmp_path, monkeypatch) -> None:
     assert train3.data.tags["mlflow.parentRunId"] == study[0].info.run_id
     assert client.get_metric_history(train3.info.run_id, "ds2.loss")  # per-step losses (round 3: ds 2 alone)
     assert not client.get_metric_history(train3.info.run_id, "ds1.loss")
+    _check_mlflow_server(f"sqlite:///{db}", study[0].info.run_id, proj)
 
     # a rerun from scratch writes the same bytes, so the same DVC hashes, for every output
     # but those that hold timings: the training logs (throughput) and the similarity metrics
@@ -69,8 +79,8 @@ def test_dvc_repro_whole_study(tmp_path, monkeypatch) -> None:
     second = _output_hashes(proj / "dvc.lock")
     assert second.keys() == first.keys() and len(first) > 20
     changed = sorted(path for path in first if second[path] != first[path])
-    timed = [f"data/similarity/{r}/metrics.json" for r in ("compare", "round1", "round2", "round3")]
-    timed += ["data/similarity/compare/summary.csv"] + [f"data/train_logs/round{k}.csv" for k in (1, 2, 3)]
+    timed = [f"data/similarity/{r}/metrics.json" for r in ("round1", "round2", "round3")]
+    timed += ["data/compare"] + [f"data/train_logs/round{k}.csv" for k in (1, 2, 3)]  # compare: their summary
     assert changed == sorted(timed)
     again = json.loads((proj / "data" / "similarity" / "round3" / "metrics.json").read_text())
     timings = {"wall_seconds", "patches_per_second", "peak_memory_bytes", "seconds"}
@@ -79,29 +89,73 @@ def test_dvc_repro_whole_study(tmp_path, monkeypatch) -> None:
     assert {k: v for k, v in again.items() if k not in timings} == results
 
 
+def _check_mlflow_server(uri: str, study_id: str, proj: Path) -> None:
+    """Through a real MLflow server's REST API: the experiment opens on its runs, the study run
+    has its nested stage runs and the per-round headline as series with step = round."""
+
+    def get(base: str, path: str, **query: str) -> dict:
+        with urllib.request.urlopen(f"{base}/api/2.0/mlflow/{path}?{urllib.parse.urlencode(query)}") as reply:
+            return json.loads(reply.read())
+
+    with mlflow_server(uri) as base:
+        exp = get(base, "experiments/get-by-name", experiment_name="cadalign")["experiment"]
+        assert {"key": "mlflow.experimentKind", "value": "custom_model_development"} in exp["tags"]
+        request = urllib.request.Request(
+            f"{base}/api/2.0/mlflow/runs/search",
+            data=json.dumps({"experiment_ids": [exp["experiment_id"]], "max_results": 500}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request) as reply:
+            runs = json.loads(reply.read())["runs"]
+        nested = {
+            tag["value"]: run for run in runs for tag in run["data"].get("tags", []) if tag["key"] == "cadalign.stage"
+        }
+        for stage in ("train@round1", "train@round2", "train@round3", "realign@round3", "summarize"):
+            tags = {t["key"]: t["value"] for t in nested[stage]["data"]["tags"]}
+            assert tags["mlflow.parentRunId"] == study_id
+        history = get(base, "metrics/get-history", run_id=study_id, metric_key="median_px")["metrics"]
+        expected = [json.loads((proj / "data" / "metrics" / f"round{k}.json").read_text())["median_px"] for k in range(4)]
+        assert sorted((m.get("step", 0), m["value"]) for m in history) == list(enumerate(expected))
+
+
 def _output_hashes(lock: Path) -> dict[str, str]:
     stages = yaml.safe_load(lock.read_text())["stages"]
     return {out["path"]: out["md5"] for stage in stages.values() for out in stage.get("outs", [])}
 
 
-def test_dvc_yaml_names_every_round_of_params() -> None:
-    """The lists of dvc.yaml that name the rounds one by one follow `rounds` in params.yaml."""
+def test_dvc_yaml_names_no_round_but_the_input() -> None:
+    """`rounds:` in params.yaml is the one place the rounds are listed: dvc.yaml loops over it
+    (foreach) or lets the stages read it, and names only the input labels (round0) itself."""
     repo = Path(__file__).resolve().parents[1]
-    rounds = list(yaml.safe_load((repo / "params.yaml").read_text())["rounds"])
-    dvc = yaml.safe_load((repo / "dvc.yaml").read_text())
-    stages = dvc["stages"]
-    assert stages["evaluate"]["foreach"] == ["round0", *rounds]
-    draw = stages["draw"]["cmd"].split()
-    assert [a.split("=")[0] for a in draw if a.startswith("round") and "/labels/" in a] == ["round0", *rounds]
-    assert [a.split("=")[0] for a in draw if a.startswith("round") and "/eval/" in a] == ["round0", *rounds]
-    compare = stages["compare"]
-    assert [a.split("=")[0] for a in compare["cmd"].split() if a.startswith("round")] == rounds
-    assert sorted({d.split("/")[2] for d in compare["deps"] if d.startswith("data/similarity/")}) == rounds
-    contrast = stages["contrast"]
-    assert [a.split("=")[0] for a in contrast["cmd"].split() if a.startswith("round")] == ["round0", *rounds]
-    assert [d.split("/")[2] for d in contrast["deps"] if d.startswith("data/eval/")] == ["round0", *rounds]
-    (accuracy,) = [p["accuracy"] for p in dvc["plots"] if isinstance(p, dict) and "accuracy" in p]
-    assert list(accuracy["y"]) == [f"data/eval/{r}/accuracy.csv" for r in ["round0", *rounds]]
+    text = (repo / "dvc.yaml").read_text()
+    assert re.findall(r"round[1-9]\d*", text) == []
+    stages = yaml.safe_load(text)["stages"]
+    per_round = {name for name, stage in stages.items() if stage.get("foreach") == "${rounds}"}
+    assert {"train", "realign", "evaluate", "analyze"} <= per_round
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("n_rounds", [2, 4])
+def test_the_number_of_rounds_is_set_in_params_alone(tmp_path, monkeypatch, n_rounds: int) -> None:
+    """A tiny study of 2 or 4 rounds runs end to end after editing params.yaml only."""
+    rounds = ", ".join(f"round{k}: round{k - 1}" for k in range(1, n_rounds + 1))
+    study = TINY_STUDY_PARAMS.replace("  round_factors: {round3: [2]}  # round 3 trains (and realigns with) ds 2 alone\n", "")
+    study = re.sub(r"rounds: \{.*\}", f"rounds: {{{rounds}}}", study)
+    params = (
+        "cities:\n  minitown: {source: synthetic, style: dense, tiles: [1]}\n"
+        "synthetic: {size: 256, seed: 0}\n"
+        "draw: {tile: minitown1, window: [0, 0, 256, 256]}\n" + study
+    )
+    proj, dvc = make_dvc_project(tmp_path, params)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    dvc("repro")
+    names = [f"round{k}" for k in range(n_rounds + 1)]
+    assert sorted(p.stem for p in (proj / "data" / "metrics").iterdir()) == names
+    assert sorted(p.name for p in (proj / "data" / "labels").iterdir()) == names
+    changes = json.loads((proj / "data" / "changes" / "metrics.json").read_text())
+    assert list(changes) == [f"{a}_to_{b}" for a, b in zip(names, names[1:])]
+    compare = json.loads((proj / "data" / "compare" / "metrics.json").read_text())
+    assert sorted(compare) == names[1:]
 
 
 def _module_file(src: Path, name: str) -> Path | None:

@@ -92,3 +92,21 @@ def test_other_vertices_and_bad_arguments_are_refused(study: dict[str, Path]) ->
     with pytest.raises(ValueError, match=r"part\.csv: line 2 has 6 fields, expected 5; rerun the evaluate stage"):
         _contrast(study, {"full": full, "part": part})
     assert not (study["root"] / "eval" / "changes").exists()
+
+
+def test_eval_dir_takes_the_label_sets_from_rounds_in_params(study: dict[str, Path]) -> None:
+    """With --eval-dir the label sets are those of `rounds:` (the input first), not a list given."""
+    eval_dir = study["root"] / "eval"
+    _errors(study, "round0", study["round0"])
+    _errors(study, "round1", _shifted(study, "round1", 0.6, 0.8))
+    _errors(study, "round2", study["truth"])
+    _errors(study, "round9", study["truth"])  # an earlier study's round, not in params: ignored
+    study["params"].write_text(study["params"].read_text() + "rounds: {round2: round1, round1: round0}\n")
+    out = study["root"] / "changes" / "metrics.json"
+    contrast.main(["--params", str(study["params"]), "--eval-dir", str(eval_dir), "--metrics", str(out)])
+    changes = json.loads(out.read_text())
+    assert list(changes) == ["round0_to_round1", "round1_to_round2"]
+    assert changes["round1_to_round2"]["median_after_px"] == 0.0
+    (eval_dir / "round2" / "errors.csv").unlink()
+    with pytest.raises(FileNotFoundError, match=r"round2/errors\.csv"):
+        contrast.main(["--params", str(study["params"]), "--eval-dir", str(eval_dir), "--metrics", str(out)])

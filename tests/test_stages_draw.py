@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import matplotlib.image as mpimg
@@ -86,3 +87,22 @@ def test_labels_must_be_name_path_pairs(train_study: dict[str, Path]) -> None:
     study = _with_draw(train_study, "draw: {tile: tinytown1}\n")
     with pytest.raises(ValueError, match=r"--labels 'truth': expected NAME=PATH"):
         _run(study, study["params"].parent / "figures", labels=["truth"])
+
+
+def test_the_label_sets_come_from_rounds_in_params(train_study: dict[str, Path]) -> None:
+    """--labels-dir / --eval-dir draw every label set of `rounds:`; a set missing on disk is named."""
+    study = _with_draw(train_study, "draw: {tile: tinytown1, window: [0, 0, 64, 64]}\nrounds: {round1: round0}\n")
+    root = study["params"].parent
+    labels_dir, eval_dir = study["round0"].parent, root / "eval"
+    for name in ("round0", "round1"):
+        (eval_dir / name).mkdir(parents=True)
+        (eval_dir / name / "accuracy.csv").write_text("tau,accuracy\n0.00,0.000000\n32.00,1.000000\n")
+    args = ["--params", str(study["params"]), "--cities-dir", str(study["cities"]), "--truth", str(study["truth"]),
+            "--labels-dir", str(labels_dir), "--eval-dir", str(eval_dir), "--out-dir", str(root / "figures")]
+    with pytest.raises(Exception, match=r"round1/tinytown/tinytown1\.gpkg"):
+        draw.main(args)  # round 1's labels are not there yet
+    shutil.copytree(study["round0"], labels_dir / "round1")
+    draw.main(args)
+    assert sorted(p.name for p in (root / "figures").iterdir()) == ["accuracy.png", "overlay.png"]
+    with pytest.raises(SystemExit):
+        draw.main(args[:-4] + ["--labels", f"round0={study['round0']}", "--out-dir", str(root / "figures")])

@@ -9,6 +9,10 @@ run (tag ``cadalign.study``), found or created on first use.
 - Experiment: ``MLFLOW_EXPERIMENT_NAME``, default ``cadalign``.
 - Study: ``CADALIGN_STUDY``, default ``default``.
 - Only rank 0 logs (``RANK`` unset or ``0``); other ranks get a run that does nothing.
+- The experiment is tagged as model development (``mlflow.experimentKind``), so MLflow 3's UI
+  opens it on its runs rather than on the GenAI overview.
+- A stage run that a kill left RUNNING is marked KILLED when the same stage of the study
+  starts again, so the UI never shows a stage as still running after it died.
 
 The client API is used directly (no global active run), so a failing stage marks its run
 FAILED and never leaves a dangling active run behind.
@@ -32,6 +36,9 @@ logger = logging.getLogger(__name__)
 DEFAULT_URI = "sqlite:///mlflow.db"
 STUDY_TAG = "cadalign.study"
 ROLE_TAG = "cadalign.role"
+STAGE_TAG = "cadalign.stage"
+KIND_TAG = "mlflow.experimentKind"
+KIND = "custom_model_development"  # MLflow 3's value for classic training experiments
 _MAX_PARAM = 6000
 
 
@@ -70,11 +77,16 @@ def flatten_numbers(metrics: Mapping[str, Any]) -> dict[str, float]:
 
 
 class StageRun:
-    """Logging handle of one stage run; every method is a no-op when ``run_id`` is None."""
+    """Logging handle of one stage run; every method is a no-op when ``run_id`` is None.
 
-    def __init__(self, client: MlflowClient | None, run_id: str | None) -> None:
+    ``study`` is the handle of the study run the stage is nested under (None on other ranks),
+    for the few things a stage logs for the whole study (the per-round headline).
+    """
+
+    def __init__(self, client: MlflowClient | None, run_id: str | None, study: StageRun | None = None) -> None:
         self.client = client
         self.run_id = run_id
+        self.study = study
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         if self.run_id is None or not params:
@@ -117,9 +129,26 @@ def _artifact_root(uri: str) -> str | None:
 
 def _experiment_id(client: MlflowClient, name: str, uri: str) -> str:
     exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    return client.create_experiment(name, artifact_location=_artifact_root(uri))
+    if exp is None:
+        return client.create_experiment(name, artifact_location=_artifact_root(uri), tags={KIND_TAG: KIND})
+    if KIND_TAG not in exp.tags:  # stores made before the tag existed
+        client.set_experiment_tag(exp.experiment_id, KIND_TAG, KIND)
+    return exp.experiment_id
+
+
+def _mark_killed(client: MlflowClient, experiment_id: str, study: str, stage: str) -> None:
+    """Mark runs of ``stage`` in ``study`` that are still RUNNING as KILLED (their process died:
+    a stage runs once at a time, and a live one finishes or fails its own run)."""
+    found = client.search_runs(
+        [experiment_id],
+        filter_string=(
+            f"tags.`{STUDY_TAG}` = '{study}' and tags.`{STAGE_TAG}` = '{stage}' and attributes.status = 'RUNNING'"
+        ),
+        max_results=100,
+    )
+    for run in found:
+        logger.warning("MLflow run %s (%s) was left RUNNING by a killed stage; marking it KILLED", stage, run.info.run_id)
+        client.set_terminated(run.info.run_id, "KILLED")
 
 
 def _study_run_id(client: MlflowClient, experiment_id: str, study: str) -> str:
@@ -155,12 +184,13 @@ def stage_run(stage: str, params: Mapping[str, Any], study: str | None = None) -
     client = MlflowClient(tracking_uri=uri)
     exp_id = _experiment_id(client, os.environ.get("MLFLOW_EXPERIMENT_NAME", "cadalign"), uri)
     parent = _study_run_id(client, exp_id, study)
+    _mark_killed(client, exp_id, study, stage)
     run = client.create_run(
         exp_id,
         run_name=stage,
-        tags={"mlflow.parentRunId": parent, STUDY_TAG: study, ROLE_TAG: "stage", "cadalign.stage": stage},
+        tags={"mlflow.parentRunId": parent, STUDY_TAG: study, ROLE_TAG: "stage", STAGE_TAG: stage},
     )
-    handle = StageRun(client, run.info.run_id)
+    handle = StageRun(client, run.info.run_id, study=StageRun(client, parent))
     logger.info("MLflow run %s (%s) in %s", stage, run.info.run_id, uri)
     try:
         handle.log_params(params)

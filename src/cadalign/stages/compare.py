@@ -18,8 +18,9 @@ rounds overlaid, plus a summary table:
 
 Usage::
 
-    python -m cadalign.stages.compare --rounds round1=data/similarity/round1 \
-        round2=data/similarity/round2 round3=data/similarity/round3 --out data/similarity/compare
+    python -m cadalign.stages.compare --params params.yaml --similarity-dir data/similarity --out data/compare
+
+(``--rounds round1=DIR round2=DIR ...`` names the rounds one by one instead of ``rounds:``).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import numpy as np
 from cadalign.atomic import atomic_path, write_json
 from cadalign.plots import ROUND_COLOURS, save_figure
 from cadalign.similarity.explain import paired_median_change
+from cadalign.settings import label_order, read_rounds
 from cadalign.stages.common import setup_logging
 from cadalign.tracking import stage_run
 
@@ -272,7 +274,12 @@ def _round_arg(text: str) -> tuple[str, Path]:
 def main(argv: list[str] | None = None) -> None:
     """Command-line entry point (see the module docstring)."""
     parser = argparse.ArgumentParser(description="Overlay the similarity statistics of all rounds.")
-    parser.add_argument("--rounds", type=_round_arg, nargs="+", required=True, help="NAME=FOLDER per round")
+    given = parser.add_mutually_exclusive_group(required=True)
+    given.add_argument("--rounds", type=_round_arg, nargs="+", help="NAME=FOLDER per round")
+    given.add_argument(
+        "--similarity-dir", type=Path, help="folder of the analyze stages' outputs; the rounds of --params"
+    )
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="with --similarity-dir (rounds)")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument(
         "--queries", type=int, default=6, help="queries in the small multiples (default: %(default)s)"
@@ -281,6 +288,10 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging()
     if args.queries < 1:
         parser.error(f"--queries must be >= 1, got {args.queries}")
+    if args.similarity_dir is not None:  # every round of the study, in the order it is made
+        study = read_rounds(args.params)
+        made = label_order(study, where=str(args.params))
+        args.rounds = [(name, args.similarity_dir / name) for name in made if name in study]
     names = [name for name, _ in args.rounds]
     if len(set(names)) != len(names):
         parser.error(f"round names repeat: {names}")

@@ -1,7 +1,8 @@
 """DVC stage: how much each round changed the median vertex error, with a 95% interval.
 
 Reads the per-vertex errors (``errors.csv``) that the evaluate stage wrote for each label
-set, in the order given (round0, round1, ...), and for every pair of consecutive sets writes
+set, in the order ``rounds:`` in params.yaml makes them (``--eval-dir``: round0, round1, ...)
+or in the order given (``--errors``), and for every pair of consecutive sets writes
 the change of the median error, its interval from a paired cluster bootstrap (the same
 buildings drawn for both sets, within each city) and the share of resamples in which the
 median fell. Rounds whose interval lies below zero made the labels better beyond what the
@@ -9,9 +10,8 @@ choice of buildings explains.
 
 Usage::
 
-    python -m cadalign.stages.contrast --params params.yaml \
-        --errors round0=data/eval/round0/errors.csv round1=data/eval/round1/errors.csv \
-        --metrics data/eval/changes/metrics.json
+    python -m cadalign.stages.contrast --params params.yaml --eval-dir data/eval \
+        --metrics data/changes/metrics.json
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import numpy as np
 from cadalign import evaluate
 from cadalign.atomic import write_json
 from cadalign.config import load_section
+from cadalign.settings import label_order, read_rounds
 from cadalign.stages.common import make_parser, name_path_pairs, setup_logging
 from cadalign.tracking import stage_run
 
@@ -71,12 +72,18 @@ def change(before: np.ndarray, after: np.ndarray, mask: np.ndarray, table: evalu
 
 def main(argv: list[str] | None = None) -> None:
     parser = make_parser("Change of the median vertex error from each label set to the next, with intervals.")
-    parser.add_argument("--errors", nargs="+", required=True, help="NAME=CSV per-vertex errors, in round order")
+    given = parser.add_mutually_exclusive_group(required=True)
+    given.add_argument("--eval-dir", type=Path, help="folder of the evaluate stages' outputs; rounds from params")
+    given.add_argument("--errors", nargs="+", help="NAME=CSV per-vertex errors, in round order")
     parser.add_argument("--metrics", type=Path, required=True)
     args = parser.parse_args(argv)
     setup_logging()
     cfg = load_section(args.params, "evaluate", evaluate.BootstrapConfig)
-    paths = name_path_pairs(args.errors, "--errors")
+    if args.eval_dir is not None:
+        names = label_order(read_rounds(args.params), where=str(args.params))
+        paths = {name: args.eval_dir / name / "errors.csv" for name in names}
+    else:
+        paths = name_path_pairs(args.errors, "--errors")
     if len(paths) < 2:
         raise ValueError(f"--errors names {len(paths)} label set(s); give at least two, e.g. round0=... round1=...")
     with stage_run("contrast", {"evaluate": dataclasses.asdict(cfg), "label_sets": list(paths)}) as run:

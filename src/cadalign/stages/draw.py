@@ -3,9 +3,10 @@
 Usage::
 
     python -m cadalign.stages.draw --params params.yaml --cities-dir data/cities \
-        --labels truth=data/truth round0=data/labels/round0 round1=data/labels/round1 \
-        --curves round0=data/eval/round0/accuracy.csv round1=data/eval/round1/accuracy.csv \
-        --out-dir data/figures
+        --truth data/truth --labels-dir data/labels --eval-dir data/eval --out-dir data/figures
+
+draws every label set of ``rounds:`` in params.yaml (the input first); ``--labels NAME=DIR``
+and ``--curves NAME=CSV`` name the sets one by one instead.
 
 Writes ``accuracy.png`` and ``overlay.png`` (truth white, input red, rounds blue, green...).
 """
@@ -25,6 +26,7 @@ from cadalign.config import load_section
 from cadalign.geo.polygons import read_polygons, to_pixels
 from cadalign.geo.tiles import read_tile
 from cadalign.plots import ROUND_COLOURS, plot_accuracy_curves, plot_overlay
+from cadalign.settings import label_order, read_rounds
 from cadalign.stages.common import make_parser, name_path_pairs, setup_logging
 from cadalign.tracking import stage_run
 
@@ -80,13 +82,26 @@ def read_curve(path: Path) -> tuple[np.ndarray, np.ndarray]:
 def main(argv: list[str] | None = None) -> None:
     parser = make_parser("Draw the accuracy curves of all rounds and a polygon overlay.")
     parser.add_argument("--cities-dir", type=Path, required=True)
-    parser.add_argument("--labels", nargs="+", required=True, help="NAME=DIR of <city>/<tile>.gpkg label sets")
-    parser.add_argument("--curves", nargs="+", required=True, help="NAME=CSV accuracy curves")
+    parser.add_argument("--truth", type=Path, help="folder of the true polygons, drawn first (white)")
+    parser.add_argument("--labels-dir", type=Path, help="folder of the label sets; the rounds come from params")
+    parser.add_argument("--eval-dir", type=Path, help="folder of the evaluate stages' outputs (accuracy.csv)")
+    parser.add_argument("--labels", nargs="+", default=[], help="NAME=DIR of <city>/<tile>.gpkg label sets")
+    parser.add_argument("--curves", nargs="+", default=[], help="NAME=CSV accuracy curves")
     parser.add_argument("--out-dir", type=Path, required=True)
     args = parser.parse_args(argv)
     setup_logging()
     cfg = load_section(args.params, "draw", DrawConfig)
     labels, curves = name_path_pairs(args.labels, "--labels"), name_path_pairs(args.curves, "--curves")
+    if args.labels_dir is not None or args.eval_dir is not None:
+        if args.labels_dir is None or args.eval_dir is None or labels or curves:
+            parser.error("give --labels-dir and --eval-dir together, or --labels and --curves, not a mix")
+        names = label_order(read_rounds(args.params), where=str(args.params))
+        labels = {name: args.labels_dir / name for name in names}
+        curves = {name: args.eval_dir / name / "accuracy.csv" for name in names}
+    if not labels or not curves:
+        parser.error("name the label sets: --labels-dir and --eval-dir, or --labels and --curves")
+    if args.truth is not None:
+        labels = {"truth": args.truth, **labels}
     with stage_run("draw", {"draw": dataclasses.asdict(cfg)}) as run:
         tile_path = find_tile(args.cities_dir, cfg.tile)
         city = tile_path.parent.parent.name
