@@ -168,7 +168,7 @@ class DeviceSampler:
         self.device = torch.device(device)
         # Crop cut around each centre: the rotated input plus the reach of the field and of bilinear taps.
         self.crop = math.ceil(cfg.input_size * math.sqrt(2.0)) + 2 * math.ceil(cfg.field_max) + 4
-        images, labels, owners, vertices, sizes, cities = [], [], [], [], [], []
+        pixels, owners, vertices, sizes, cities = [], [], [], [], []
         self.tile_index: list[int] = []
         for index, tile in enumerate(tqdm(tiles, desc=f"burn ds{cfg.ds}", unit="tile", disable=len(tiles) < 20)):
             prepared = downsample_tile(tile, cfg.ds, index)
@@ -178,8 +178,8 @@ class DeviceSampler:
             shape = image.shape[:2]
             burned = rasterize_polygons(geoms, shape, edge_width=cfg.edge_width)
             bits = burned[FILL] | burned[EDGE] << 1 | burned[VERTEX] << 2
-            images.append(image.reshape(-1, 3))
-            labels.append(bits.ravel())
+            # One 32-bit word per pixel (R, G, B, label bits): a crop is one gather.
+            pixels.append(np.concatenate([image.reshape(-1, 3), bits.reshape(-1, 1)], 1).view(np.int32).ravel())
             if cfg.keep_prob < 1:
                 owners.append(owner_raster(geoms, shape).ravel())
             vertices.append(coords)
@@ -205,21 +205,17 @@ class DeviceSampler:
         self.heights = torch.tensor(heights, **to_dev)
         self.widths = torch.tensor(widths, **to_dev)
         self.base = torch.tensor(np.concatenate([[0], np.cumsum(heights * widths)[:-1]]), **to_dev)
-        store = self._store_device(sum(a.nbytes for a in images + labels + owners))
-        self.images = torch.from_numpy(np.concatenate(images)).to(store)
-        self.labels = torch.from_numpy(np.concatenate(labels)).to(store)
+        store = self._store_device(sum(a.nbytes for a in pixels + owners))
+        self.pixels = torch.from_numpy(np.concatenate(pixels)).to(store)
         self.owners = torch.from_numpy(np.concatenate(owners)).to(store) if owners else None
         if store.type == "cpu" and self.device.type == "cuda":
-            self.images, self.labels = self.images.pin_memory(), self.labels.pin_memory()
+            self.pixels = self.pixels.pin_memory()
+            self.owners = self.owners.pin_memory() if self.owners is not None else None
         self.store = store
         # Side of the coarse grid the field's bumps are evaluated on, as random_displacement_field does.
         side = FIELD_GRID if cfg.field_extent is not None else cfg.crop_size
         coarse = max(2, math.ceil(side / cfg.field_coarse_factor))
         self.coarse_side = coarse
-        # Patch pixel centres relative to the patch centre, (S*S, 2) as (x, y), row-major.
-        centres = torch.arange(cfg.input_size, dtype=torch.float64, device=self.device) + 0.5 - cfg.input_size / 2.0
-        py, px = torch.meshgrid(centres, centres, indexing="ij")
-        self.offsets = torch.stack([px.ravel(), py.ravel()], -1)
 
     def _store_device(self, nbytes: int) -> torch.device:
         """The device the tiles are kept on: the sampler's, unless they exceed the memory cap."""
@@ -348,98 +344,93 @@ class DeviceSampler:
 
     # ------------------------------------------------------------------------- rendering
 
-    def _field_at(self, draws: Draws, xy: torch.Tensor) -> torch.Tensor:
-        """The field (B, P, 2) in tile axes at tile points ``xy`` (B, P, 2)."""
-        return self._inverse(draws, xy, iterations=0)
+    @staticmethod
+    def _inverse(field: torch.Tensor, at: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``F`` and ``G`` (B, 2, S, S) px at the points ``at`` (B, 2, S, S) (the field grid's normalized
+        units; ``scale`` (B,) turns px into them), ``G(x) = F(x + G(x))`` by fixed-point iteration
+        as ``PatchSampler._target_vectors``. In float32: ~5e-5 px at a 1024 px span."""
 
-    def _inverse(self, draws: Draws, xy: torch.Tensor, iterations: int = INVERSE_MAX_ITER) -> torch.Tensor:
-        """``G`` with ``G(x) = F(x + G(x))`` by fixed-point iteration, as ``PatchSampler._target_vectors``
-        (``F`` itself with no iterations). In float32 grid units: ~5e-5 px at a 1024 px span."""
-        scale = 2.0 / draws.field_span[:, None, None]
-        base = ((xy - draws.field_origin[:, None]) * scale - 1.0).float()[:, None]  # (B, 1, P, 2)
-        scale = scale.float()[:, None]
+        def sample(points: torch.Tensor) -> torch.Tensor:
+            # grid_sample reads a permuted grid as fast as a contiguous one; the sums stay contiguous
+            grid = points.permute(0, 2, 3, 1)
+            return F.grid_sample(field, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
-        def field(offset: torch.Tensor | None) -> torch.Tensor:
-            grid = base if offset is None else base + offset[:, None] * scale
-            values = F.grid_sample(draws.field, grid, mode="bilinear", padding_mode="border", align_corners=False)
-            return values[:, :, 0].transpose(1, 2)
-
-        vectors = field(None)
-        for _ in range(iterations):
-            updated = field(vectors)
-            change = (updated - vectors).abs().max()
+        forward = vectors = sample(at)
+        scale = scale[:, None, None, None]
+        for _ in range(INVERSE_MAX_ITER):
+            updated = sample(torch.addcmul(at, vectors, scale))
+            change = (updated - vectors).abs_().amax()
             vectors = updated
             if change.item() < INVERSE_TOL_PX:
                 break
-        return vectors.double()
+        return forward, vectors
 
-    def _crops(self, draws: Draws) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """uint8 image (B, 3, M, M), label bits (B, M, M), owners and the crops' tile corners (B, 2)."""
-        m = self.crop
-        corner = torch.floor(draws.centre).long() - m // 2  # (B, 2) x, y
+    def _crops(self, draws: Draws) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Crops around the centres: float32 image (B, 3, M, M) (a channels-last view), label planes
+        (B, 3 or 4, M, M): fill, edge, vertex (, owner id), and the crops' tile corners (B, 2)
+        (x, y) long. The image is mirrored beyond the tile (BORDER_REFLECT_101, as cv2.warpAffine
+        in the exact path); the labels are 0 there."""
+        n, m = len(draws.tile), self.crop
+        corner = torch.floor(draws.centre).long() - m // 2
         steps = torch.arange(m, device=self.device)
         cols, rows = corner[:, 0, None] + steps, corner[:, 1, None] + steps  # (B, M)
         height, width = self.heights[draws.tile, None], self.widths[draws.tile, None]
-        base = self.base[draws.tile, None, None]
-        # image: mirrored beyond the tile (BORDER_REFLECT_101, as cv2.warpAffine in the exact path)
-        mirrored = base + _reflect101(rows, height)[:, :, None] * width[:, :, None] + _reflect101(cols, width)[:, None]
+        row_start = self.base[draws.tile, None] + _reflect101(rows, height) * width
+        index = (row_start[:, :, None] + _reflect101(cols, width)[:, None]).to(self.store)
         inside = ((rows >= 0) & (rows < height))[:, :, None] & ((cols >= 0) & (cols < width))[:, None]
-        clamped = base + rows.clamp(min=0).minimum(height - 1)[:, :, None] * width[:, :, None]
-        clamped = clamped + cols.clamp(min=0).minimum(width - 1)[:, None]
-        store = self.store
-        image = self.images[mirrored.to(store)].to(self.device, non_blocking=True).permute(0, 3, 1, 2)
-        labels = self.labels[clamped.to(store)].to(self.device, non_blocking=True) * inside  # no labels beyond
-        owners = None
+        words = self.pixels[index].to(self.device, non_blocking=True)
+        channels = words.view(torch.uint8).reshape(n, m, m, 4)  # R, G, B, label bits
+        bits = channels[..., 3] * inside
+        planes = [bits & 1, (bits >> 1) & 1, bits >> 2]  # fill, edge, vertex (the highest bit)
+        labels = torch.stack(planes, 1).float()
         if self.owners is not None:
-            owners = self.owners[clamped.to(store)].to(self.device, non_blocking=True) * inside
-        return image, labels, owners, corner
+            owner = self.owners[index].to(self.device, non_blocking=True) * inside
+            labels = torch.cat([labels, owner[:, None].float()], 1)
+        # all four channels at once: a contiguous conversion (a strided one of three is ~4x slower)
+        return channels.float()[..., :3].permute(0, 3, 1, 2), labels, corner
 
     def render(self, draws: Draws) -> dict[str, torch.Tensor]:
         """The batch of ``draws``: float32 ``image``, ``polys``, ``disp``, ``seg``, ``polys_out`` on the device."""
         cfg = self.cfg
-        n, size, out, margin = len(draws.tile), cfg.input_size, cfg.output_size, cfg.margin
+        n, size, out, margin, m = len(draws.tile), cfg.input_size, cfg.output_size, cfg.margin, self.crop
         rot = orthogonal(draws.angle, draws.flipped)
-        xy = draws.centre[:, None] + torch.einsum("bij,pj->bpi", rot, self.offsets)  # (B, S*S, 2) tile points
-        window = torch.zeros(size, size, dtype=torch.bool, device=self.device)
-        window[margin : margin + out, margin : margin + out] = True
-        window = window.ravel()
-        inverse = self._inverse(draws, xy)
-        target = inverse if cfg.inverse_target else self._field_at(draws, xy[:, window])
-        if cfg.inverse_target:
-            target = target[:, window]
-        vectors = torch.einsum("bpi,bij->bpj", target, rot)  # A^T G: vectors in patch axes
-        field_px = vectors.transpose(1, 2).reshape(n, 2, out, out).float()
+        image, labels, corner = self._crops(draws)
+        # Patch pixel p at x = c + A (p - S/2) is, in affine_grid's units q (pixel centres (2i + 1) / S - 1),
+        # c + (S / 2) A q: an affine map per patch, to the crop's and to the field grid's normalized units.
+        # Relative to the crop x is under M px, so float32 holds it to ~1e-5 px (tile px up to ~1e4: ~1e-3).
+        shape = [n, 1, size, size]
+        local = 2.0 * (draws.centre - corner) / m - 1.0
+        at_x = F.affine_grid(torch.cat([rot * (size / m), local[..., None]], 2).float(), shape, align_corners=False)
+        span = draws.field_span[:, None]
+        local = 2.0 * (draws.centre - draws.field_origin) / span - 1.0
+        theta = torch.cat([rot * (size / span[..., None]), local[..., None]], 2).float()
+        at_field = F.affine_grid(theta, shape, align_corners=False).permute(0, 3, 1, 2).contiguous()
+        forward, inverse = self._inverse(draws.field, at_field, 2.0 / span[:, 0].float())
+        target = (inverse if cfg.inverse_target else forward)[:, :, margin : margin + out, margin : margin + out]
+        vectors = torch.einsum("bihw,bij->bjhw", target, rot.float())  # A^T G: vectors in patch axes
+        at_label = torch.add(at_x, inverse.permute(0, 2, 3, 1), alpha=2.0 / m)  # x + G(x)
 
-        image, labels, owners, corner = self._crops(draws)
-        crop = float(self.crop)
-
-        def grid(points: torch.Tensor, side: int) -> torch.Tensor:
-            return (2.0 * (points - corner[:, None]) / crop - 1.0).float().reshape(n, side, side, 2)
-
-        bits = torch.stack([(labels >> k) & 1 for k in range(3)], 1).float()  # fill, edge, vertex
-        at_x, at_label = grid(xy, size), grid(xy + inverse, size)
-        image = F.grid_sample(image.float(), at_x, mode="bilinear", padding_mode="border", align_corners=False)
-        seg3 = self._sample_bits(bits, grid(xy[:, window], out))
-        polys = self._sample_bits(bits, at_label)
-        if owners is not None and draws.keep is not None:
-            owner = F.grid_sample(owners[:, None].float(), at_label, mode="nearest", align_corners=False)
-            kept = torch.gather(draws.keep, 1, owner.long().reshape(n, -1)).reshape(n, 1, size, size)
-            polys = polys * kept
+        # The labels at the seg window (at x) and at the input raster (at x + G) in one grid; fill and
+        # edge bilinearly, thresholded at 1/2 (sub-pixel boundaries); vertex (and owner) by nearest.
+        window = at_x[:, margin : margin + out, margin : margin + out].reshape(n, 1, -1, 2)
+        points = torch.cat([window, at_label.reshape(n, 1, -1, 2)], 2)
+        smooth = F.grid_sample(labels[:, :2], points, mode="bilinear", padding_mode="zeros", align_corners=False)
+        sharp = F.grid_sample(labels[:, 2:], points, mode="nearest", padding_mode="zeros", align_corners=False)
+        sampled = torch.cat([(smooth >= 0.5).float(), sharp[:, :1]], 1)[:, :, 0]  # (B, 3, O*O + S*S)
+        seg3 = sampled[..., : out * out].reshape(n, 3, out, out)
+        polys = sampled[..., out * out :].reshape(n, 3, size, size)
+        if self.owners is not None and draws.keep is not None:
+            owner = sharp[:, 1, 0, out * out :].long()
+            polys = polys * torch.gather(draws.keep, 1, owner).reshape(n, 1, size, size)
+        image = F.grid_sample(image, at_x, mode="bilinear", padding_mode="border", align_corners=False)
         seg = torch.cat([1.0 - seg3.amax(1, keepdim=True), seg3], 1)
         return {
-            "image": jitter(image, draws.jitter) / 127.5 - 1.0,
+            "image": jitter(image, draws.jitter).div_(127.5).sub_(1.0),
             "polys": polys,
-            "disp": (field_px / cfg.max_displacement).clamp(-1.0, 1.0),
+            "disp": (vectors / cfg.max_displacement).clamp(-1.0, 1.0),
             "seg": seg,
             "polys_out": polys[:, :, margin : margin + out, margin : margin + out].contiguous(),
         }
-
-    @staticmethod
-    def _sample_bits(bits: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-        """Fill and edge bilinearly, thresholded at 1/2 (sub-pixel boundaries); the vertex pixel by nearest."""
-        smooth = F.grid_sample(bits[:, :2], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-        vertex = F.grid_sample(bits[:, 2:], grid, mode="nearest", padding_mode="zeros", align_corners=False)
-        return torch.cat([(smooth >= 0.5).float(), vertex], 1)
 
     def draws_of(self, patches: Sequence[Patch]) -> Draws:
         """The draws of patches made by :class:`~cadalign.patches.PatchSampler` on the same tiles
@@ -466,19 +457,16 @@ def jitter(image: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     (about the mean gray level) and saturation (towards each pixel's gray) in random order,
     each clipped to [0, 255]. ``params`` (B, 4): shift, contrast, saturation, contrast first.
     """
-    weights = torch.tensor(GRAY, dtype=image.dtype, device=image.device)[None, :, None, None]
+    weights = torch.tensor(GRAY, dtype=image.dtype, device=image.device).reshape(1, 3, 1, 1)
 
-    def gray(img: torch.Tensor) -> torch.Tensor:
-        return (img * weights).sum(1, keepdim=True)
+    def blend(img: torch.Tensor, factor: torch.Tensor, about_mean: torch.Tensor) -> torch.Tensor:
+        # contrast and saturation are one blend towards gray: its mean (contrast) or each pixel's
+        gray = F.conv2d(img, weights)  # a 1 x 1 convolution: the fastest weighted channel sum
+        towards = torch.where(about_mean, gray.mean((2, 3), keepdim=True), gray)
+        return torch.lerp(towards, img, factor[:, None, None, None]).clamp_(0.0, 255.0)
 
-    def contrast(img: torch.Tensor) -> torch.Tensor:
-        factor = params[:, 1, None, None, None]
-        return (img * factor + gray(img).mean((2, 3), keepdim=True) * (1.0 - factor)).clamp(0.0, 255.0)
-
-    def saturation(img: torch.Tensor) -> torch.Tensor:
-        factor = params[:, 2, None, None, None]
-        return (img * factor + gray(img) * (1.0 - factor)).clamp(0.0, 255.0)
-
-    image = (image + params[:, 0, None, None, None]).clamp(0.0, 255.0)
-    first = params[:, 3, None, None, None] > 0.5
-    return torch.where(first, saturation(contrast(image)), contrast(saturation(image)))
+    image = (image + params[:, 0, None, None, None]).clamp_(0.0, 255.0)
+    first = params[:, 3] > 0.5  # contrast first
+    contrast, saturation = params[:, 1], params[:, 2]
+    image = blend(image, torch.where(first, contrast, saturation), first[:, None, None, None])
+    return blend(image, torch.where(first, saturation, contrast), ~first[:, None, None, None])
