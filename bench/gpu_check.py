@@ -59,7 +59,10 @@ BENCHES = {  # name -> (script, extra arguments on a GPU); train: the eager mode
     "similarity": ("bench/bench_similarity.py", ["--device", "cuda"]),
 }
 # seconds each benchmark may take (3 min in all on a GPU) and those kept for the study
-BENCH_LIMIT_S = {"gpu": {"train": 60, "sampler": 40, "realign": 50, "similarity": 30}, "cpu-tiny": dict.fromkeys(BENCHES, 120)}
+BENCH_LIMIT_S = {
+    "gpu": {"train": 60, "sampler": 40, "realign": 50, "similarity": 30},
+    "cpu-tiny": dict.fromkeys(BENCHES, 120),
+}
 STUDY_RESERVE_S = {"gpu": 720, "cpu-tiny": 300}
 STAGE_RE = re.compile(r"^Running stage '([^']+)'")
 
@@ -181,7 +184,7 @@ def run_bench(name: str, mode: str, params: Path, out: Path, env: dict[str, str]
 
 
 def scratch_project(root: Path, params: dict[str, Any]) -> Path:
-    """A copy of the project (src, dvc.yaml, conf) in ``root/study`` with ``params`` as params.yaml, DVC initialised."""
+    """A copy of the project (src, dvc.yaml, conf) in ``root/study``, ``params`` as params.yaml, DVC set up."""
     proj = root / "study"
     shutil.copytree(REPO / "src", proj / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     shutil.copytree(REPO / "conf", proj / "conf")
@@ -219,8 +222,9 @@ def run_study(preset: str, root: Path, out: Path, env: dict[str, str], limit_s: 
         p.parent.name: json.loads(p.read_text())["median_error_px"]
         for p in sorted((proj / "data" / "eval").glob("round*/metrics.json"))
     }
+    timings = ("wall_seconds", "patches_per_second", "peak_memory_bytes")
     entry["similarity"] = {
-        p.parent.name: {k: json.loads(p.read_text())[k] for k in ("wall_seconds", "patches_per_second", "peak_memory_bytes")}
+        p.parent.name: {k: json.loads(p.read_text()).get(k) for k in timings}
         for p in sorted((proj / "data" / "similarity").glob("round*/metrics.json"))
     }
     return entry
@@ -314,16 +318,16 @@ def render_markdown(report: dict[str, Any]) -> str:
     ]
     for st in s.get("stages", []):
         name = st["name"] + (" (unfinished)" if st.get("unfinished") else "")
-        lines.append(f"| {name} | {fmt(st['wall_s'])} | {fmt(st['gpu_busy_share'], 2)} | {fmt(st['gpu_peak_mib'], 0)} |")
+        busy, peak = fmt(st["gpu_busy_share"], 2), fmt(st["gpu_peak_mib"], 0)
+        lines.append(f"| {name} | {fmt(st['wall_s'])} | {busy} | {peak} |")
     lines += ["", "| training | ds | patches/s (median of the log) |", "| --- | --- | --- |"]
     lines += [f"| {t['round']} | {t['ds']} | {fmt(t['patches_per_s'])} |" for t in s.get("training", [])]
     lines += ["", "| labels | median error px |", "| --- | --- |"]
     lines += [f"| {r} | {fmt(v, 3)} |" for r, v in s.get("median_error_px", {}).items()]
     lines += ["", "| similarity | wall s | patches/s | peak memory MiB |", "| --- | --- | --- | --- |"]
-    lines += [
-        f"| {r} | {fmt(v['wall_seconds'])} | {fmt(v['patches_per_second'])} | {fmt(v['peak_memory_bytes'] / 2**20, 0)} |"
-        for r, v in s.get("similarity", {}).items()
-    ]
+    for r, v in s.get("similarity", {}).items():
+        peak = None if v["peak_memory_bytes"] is None else v["peak_memory_bytes"] / 2**20
+        lines.append(f"| {r} | {fmt(v['wall_seconds'])} | {fmt(v['patches_per_second'])} | {fmt(peak, 0)} |")
     if s.get("error"):
         lines += ["", "```", s["error"], "```"]
     return "\n".join(lines) + "\n"
@@ -349,7 +353,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     env = {**os.environ, "CADALIGN_LOG_LEVEL": os.environ.get("CADALIGN_LOG_LEVEL", "WARNING")}
     if args.cpu_tiny:
         env["CUDA_VISIBLE_DEVICES"] = ""  # the CPU mode measures the CPU even on a GPU machine
-    report: dict[str, Any] = {"mode": mode, "deadline_s": args.deadline_min * 60, "machine": machine(), "benches": {}}
+    report: dict[str, Any] = {
+        "mode": mode, "deadline_s": args.deadline_min * 60, "machine": machine(), "benches": {}
+    }
     gpu = GpuSampler().start()
     try:
         with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
@@ -359,13 +365,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for name in args.benches:
                 limit = min(BENCH_LIMIT_S[mode][name], deadline - STUDY_RESERVE_S[mode] - time.monotonic())
                 if limit < 5:
-                    report["benches"][name] = {"status": "not run: the time left is the study's", "command": BENCHES[name][0]}
+                    status = "not run: the time left is the study's"
+                    report["benches"][name] = {"status": status, "command": BENCHES[name][0]}
                     continue
                 logger.info("benchmark %s (at most %.0f s)", name, limit)
                 report["benches"][name] = run_bench(name, mode, params, args.out, env, limit, gpu)
             logger.info("study of preset %s (at most %.0f s)", preset, deadline - time.monotonic())
             root = args.keep_study or Path(tmp)
-            report["study"] = run_study(preset, root, args.out, env, deadline - time.monotonic(), gpu)
+            try:
+                report["study"] = run_study(preset, root, args.out, env, deadline - time.monotonic(), gpu)
+            except Exception as err:  # the benchmarks' figures still reach the report
+                logger.exception("the study could not run")
+                report["study"] = {"preset": preset, "command": "dvc repro", "status": f"failed: {err!r}"}
     finally:
         gpu.stop()
     report["wall_s"] = time.monotonic() - began

@@ -123,8 +123,8 @@ def load_all(params: Path) -> None:
     from cadalign.stages.fetch import InriaSourceConfig, SyntheticConfig
     from cadalign.stages.initialize import initial_factors
     from cadalign.stages.misalign import NoiseConfig
-    from cadalign.stages.realign import RealignStageConfig
-    from cadalign.stages.train import TrainStageConfig, check_round_names, patch_config
+    from cadalign.settings.realign import RealignStageConfig
+    from cadalign.settings.train import TrainStageConfig, check_round_names, patch_config
 
     sections = {
         "synthetic": SyntheticConfig,
@@ -139,7 +139,8 @@ def load_all(params: Path) -> None:
     data = read_params(params)
     unknown = sorted(set(data) - {*sections, "cities", "rounds"})
     if unknown:
-        raise ConfigError(f"{params}: unknown section '{unknown[0]}'; the sections are {sorted({*sections, 'cities', 'rounds'})}")
+        known = sorted({*sections, "cities", "rounds"})
+        raise ConfigError(f"{params}: unknown section '{unknown[0]}'; the sections are {known}")
     loaded = {name: load_section(params, name, cls) for name, cls in sections.items()}
     cities = load_cities(params)
     train = loaded["train"]
@@ -153,7 +154,8 @@ def load_all(params: Path) -> None:
         raise ConfigError(f"{params}: realign.window.output_size = {out} is not an output size of train.model")
     ds = loaded["similarity"].ds
     if ds is not None and ds not in train.shared_factors:
-        raise ConfigError(f"{params}: similarity.ds = {ds} is not trained in every round ({list(train.shared_factors)})")
+        shared = list(train.shared_factors)
+        raise ConfigError(f"{params}: similarity.ds = {ds} is not trained in every round ({shared})")
     draw = loaded["draw"]
     tiles = {f"{name}{n}": city for name, city in cities.items() for n in city.tiles}
     if draw.tile not in tiles:
@@ -161,7 +163,9 @@ def load_all(params: Path) -> None:
     x0, y0, width, height = draw.window
     size = loaded["synthetic"].size
     if tiles[draw.tile].source == "synthetic" and max(x0 + width, y0 + height) > size:
-        raise ConfigError(f"{params}: draw.window {list(draw.window)} reaches beyond the {size} px tile (synthetic.size)")
+        raise ConfigError(
+            f"{params}: draw.window {list(draw.window)} reaches beyond the {size} px tile (synthetic.size)"
+        )
 
 
 def check(conf_dir: Path, params: Path, presets: list[str] | None = None) -> list[str]:
@@ -180,8 +184,8 @@ def check(conf_dir: Path, params: Path, presets: list[str] | None = None) -> lis
     if actual != expected:
         key = _first_difference(actual, expected)
         raise ConfigError(
-            f"{params} differs from conf/ at '{key}'; put the change in conf/preset/{default_preset(conf_dir)}.yaml "
-            "and run `python -m cadalign.presets write`"
+            f"{params} differs from conf/ at '{key}'; put the change in "
+            f"conf/preset/{default_preset(conf_dir)}.yaml and run `python -m cadalign.presets write`"
         )
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
