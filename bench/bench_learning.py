@@ -32,7 +32,8 @@ import torch
 
 from cadalign.config import load_cities, load_section
 from cadalign.patches import PatchDataset
-from cadalign.stages.train import TrainStageConfig, network_seed, patch_config, training_tiles
+from cadalign.settings.train import TrainStageConfig, network_seed, patch_config
+from cadalign.stages.train import training_tiles
 from cadalign.train import load_model, resume_step, train
 
 logger = logging.getLogger(__name__)

@@ -52,6 +52,12 @@ def test_dvc_repro_whole_study(tmp_path, monkeypatch) -> None:
     compare = json.loads((proj / "data" / "compare" / "metrics.json").read_text())
     assert set(compare) == {"round1", "round2", "round3"}
     assert all(compare[r]["n_patches"] > 0 for r in compare)
+    # per-file code deps: touching the drawing module leaves every other stage up to date
+    draw_module = proj / "src" / "cadalign" / "stages" / "draw.py"
+    original = draw_module.read_text()
+    draw_module.write_text(original + "# touched\n")
+    assert set(json.loads(dvc("status", "--json"))) == {"draw"}
+    draw_module.write_text(original)
     # a second repro has nothing to do
     assert "Data and pipelines are up to date" in dvc("repro") or "didn't change" in dvc("status")
     # the MLflow mirror: every stage run nested under one study run
@@ -194,7 +200,8 @@ def _package_imports(src: Path, module: str) -> set[Path]:
     [("dvc.yaml", {"fetch", "misalign", "train", "realign", "analyze"}), ("pipelines/toy/dvc.yaml", {"estimate_density"})],
 )
 def test_stage_deps_are_the_package_code_it_imports(pipeline: str, some_stages: set[str]) -> None:
-    """Each stage's src/ deps cover every cadalign module it imports (so DVC reruns it), and name nothing else."""
+    """Each stage's src/ deps are exactly the files of the cadalign modules it imports, one by one
+    (no folders), so touching a module reruns the stages that use it and only those."""
     repo = Path(__file__).resolve().parents[1]
     dvc_file = repo / pipeline
     stages = yaml.safe_load(dvc_file.read_text())["stages"]
@@ -205,7 +212,23 @@ def test_stage_deps_are_the_package_code_it_imports(pipeline: str, some_stages: 
         files = {f for f in _package_imports(repo / "src", module) if (repo / f).read_text().strip()}  # not empty __init__s
         paths = [(dvc_file.parent / d).resolve().relative_to(repo) for d in body["deps"]]
         deps = [d for d in paths if d.parts[0] == "src"]
-        covered = {f for f in files if any(f == d or d in f.parents for d in deps)}
-        assert covered == files, f"{pipeline}: {name}: add {sorted(map(str, files - covered))} to its deps"
-        unused = [str(d) for d in deps if not any(f == d or d in f.parents for f in files)]
+        folders = [str(d) for d in deps if (repo / d).is_dir()]
+        assert not folders, f"{pipeline}: {name}: name the files of {folders}, not the folders"
+        missing, unused = sorted(map(str, files - set(deps))), sorted(map(str, set(deps) - files))
+        assert not missing, f"{pipeline}: {name}: add {missing} to its deps"
         assert not unused, f"{pipeline}: {name}: {unused} in its deps, but the stage does not import them"
+
+
+def test_no_stage_imports_another() -> None:
+    """Stages share settings through cadalign.settings, never through each other (common is plumbing)."""
+    repo = Path(__file__).resolve().parents[1]
+    for path in sorted((repo / "src" / "cadalign" / "stages").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            others = {n for n in names if n.startswith("cadalign.stages.") and n.split(".")[2] not in ("common",)}
+            others = {n for n in others if (repo / "src" / Path(*n.split("."))).with_suffix(".py").is_file()}
+            assert not others, f"{path.name} imports {sorted(others)}; move what they share to cadalign.settings"

@@ -11,7 +11,7 @@ from conftest import max_weight_diff
 from cadalign.config import ConfigError, load_section
 from cadalign.model import AlignNet
 from cadalign.stages import initialize
-from cadalign.stages.train import TrainStageConfig, network_seed
+from cadalign.settings.train import TrainStageConfig, network_seed
 from cadalign.train import load_model
 
 PARAMS = """

@@ -10,7 +10,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from cadalign.config import ConfigError
-from cadalign.settings import label_order, read_rounds
+from cadalign.settings.rounds import label_order, read_rounds
 from cadalign.stages import summarize
 from cadalign.tracking import KIND, KIND_TAG, STAGE_TAG, STUDY_TAG, stage_run
 

@@ -1,8 +1,7 @@
-"""Settings shared by several stages, read from params.yaml in one place.
+"""The rounds of the study (``rounds:`` in params.yaml, round -> the labels it trains on).
 
-Stages never import each other; what two stages must agree on lives here. Today: the rounds
-of the study (``rounds:`` in params.yaml, round -> the labels it trains on), from which every
-per-round stage and the study summary take their list.
+Every per-round stage (through DVC's foreach) and every aggregate stage (contrast, draw,
+compare, summarize, through :func:`read_rounds`) takes its list from there alone.
 """
 
 from __future__ import annotations

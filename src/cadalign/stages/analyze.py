@@ -68,7 +68,7 @@ from cadalign.similarity import analysis, explain
 from cadalign.similarity.density import count_keys
 from cadalign.similarity.grads import alignment_output_fn
 from cadalign.stages.common import make_parser, resolve_device, setup_logging
-from cadalign.stages.train import TrainStageConfig
+from cadalign.settings.train import TrainStageConfig
 from cadalign.tracking import stage_run
 from cadalign.train import load_model
 

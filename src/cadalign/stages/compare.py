@@ -41,7 +41,7 @@ import numpy as np
 from cadalign.atomic import atomic_path, write_json
 from cadalign.plots import ROUND_COLOURS, save_figure
 from cadalign.similarity.explain import paired_median_change
-from cadalign.settings import label_order, read_rounds
+from cadalign.settings.rounds import label_order, read_rounds
 from cadalign.stages.common import setup_logging
 from cadalign.tracking import stage_run
 

@@ -25,7 +25,7 @@ import numpy as np
 from cadalign import evaluate
 from cadalign.atomic import write_json
 from cadalign.config import load_section
-from cadalign.settings import label_order, read_rounds
+from cadalign.settings.rounds import label_order, read_rounds
 from cadalign.stages.common import make_parser, name_path_pairs, setup_logging
 from cadalign.tracking import stage_run
 

@@ -26,7 +26,7 @@ from cadalign.config import load_section
 from cadalign.geo.polygons import read_polygons, to_pixels
 from cadalign.geo.tiles import read_tile
 from cadalign.plots import ROUND_COLOURS, plot_accuracy_curves, plot_overlay
-from cadalign.settings import label_order, read_rounds
+from cadalign.settings.rounds import label_order, read_rounds
 from cadalign.stages.common import make_parser, name_path_pairs, setup_logging
 from cadalign.tracking import stage_run
 

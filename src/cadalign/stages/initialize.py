@@ -24,7 +24,7 @@ from cadalign.atomic import atomic_path
 from cadalign.config import ConfigError, load_section, read_params
 from cadalign.model import AlignNet
 from cadalign.stages.common import make_parser, setup_logging
-from cadalign.stages.train import TrainStageConfig, check_round_names, network_seed
+from cadalign.settings.train import TrainStageConfig, check_round_names, network_seed
 from cadalign.train import save_model
 
 logger = logging.getLogger(__name__)

@@ -16,40 +16,21 @@ import dataclasses
 import logging
 import re
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
 
-from cadalign.align import AlignConfig, WindowLimits, realign
+from cadalign.align import WindowLimits, realign
 from cadalign.atomic import atomic_path
 from cadalign.config import load_cities, load_section
 from cadalign.geo.labels import load_labelled_tiles
 from cadalign.geo.polygons import from_pixels, write_polygons
+from cadalign.settings.realign import RealignStageConfig
 from cadalign.stages.common import make_parser, resolve_device, setup_logging
 from cadalign.tracking import stage_run
 from cadalign.train import load_model
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class RealignStageConfig:
-    """The ``realign`` section of params.yaml."""
-
-    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when present, else CPU
-    window: AlignConfig = field(default_factory=AlignConfig)
-    refine: int = 0  # extra passes of the finest network after the coarse-to-fine chain
-
-    def validate(self) -> None:
-        """Check ranges.
-
-        Raises:
-            ValueError: naming the key.
-        """
-        if self.refine < 0:
-            raise ValueError(f"refine={self.refine} must be >= 0 (0: the chain alone)")
 
 
 def load_models(models_dir: Path, device: torch.device) -> dict[int, torch.nn.Module]:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from cadalign.atomic import write_json
-from cadalign.settings import label_order, read_rounds
+from cadalign.settings.rounds import label_order, read_rounds
 from cadalign.stages.common import make_parser, setup_logging
 from cadalign.tracking import StageRun, stage_run
 
