@@ -382,14 +382,14 @@ class DeviceSampler:
         height, width = self.heights[draws.tile, None], self.widths[draws.tile, None]
         row_start = self.base[draws.tile, None] + _reflect101(rows, height) * width
         index = (row_start[:, :, None] + _reflect101(cols, width)[:, None]).to(self.store)
-        inside = ((rows >= 0) & (rows < height))[:, :, None] & ((cols >= 0) & (cols < width))[:, None]
+        row_inside, col_inside = ((rows >= 0) & (rows < height))[:, :, None], ((cols >= 0) & (cols < width))[:, None]
         words = self.pixels[index].to(self.device, non_blocking=True)
         channels = words.view(torch.uint8).reshape(n, m, m, 4)  # R, G, B, label bits
-        bits = channels[..., 3] * inside
+        bits = (channels[..., 3] * row_inside).mul_(col_inside)
         planes = [bits & 1, (bits >> 1) & 1, bits >> 2]  # fill, edge, vertex (the highest bit)
         labels = torch.stack(planes, 1).float()
         if self.owners is not None:
-            owner = self.owners[index].to(self.device, non_blocking=True) * inside
+            owner = (self.owners[index].to(self.device, non_blocking=True) * row_inside).mul_(col_inside)
             labels = torch.cat([labels, owner[:, None].float()], 1)
         # all four channels at once: a contiguous conversion (a strided one of three is ~4x slower)
         return channels.float()[..., :3].permute(0, 3, 1, 2), labels, corner
@@ -406,10 +406,13 @@ class DeviceSampler:
         shape = [n, 1, size, size]
         local = 2.0 * (draws.centre - corner) / m - 1.0
         at_x = F.affine_grid(torch.cat([rot * (size / m), local[..., None]], 2).float(), shape, align_corners=False)
+        # The same points in the field grid's units u = 2 (x - origin) / span - 1: u = a g + b from the
+        # crop's g, in the (B, 2, S, S) layout the iteration adds to.
         span = draws.field_span[:, None]
-        local = 2.0 * (draws.centre - draws.field_origin) / span - 1.0
-        theta = torch.cat([rot * (size / span[..., None]), local[..., None]], 2).float()
-        at_field = F.affine_grid(theta, shape, align_corners=False).permute(0, 3, 1, 2).contiguous()
+        shift = 2.0 * (corner - draws.field_origin) / span - 1.0 + m / span
+        at_field = torch.empty(n, 2, size, size, device=self.device)
+        scale = (m / span).float()[..., None, None]
+        torch.addcmul(shift.float()[..., None, None], at_x.permute(0, 3, 1, 2), scale, out=at_field)
         forward, inverse = self._inverse(draws.field, at_field, 2.0 / span[:, 0].float())
         target = (inverse if cfg.inverse_target else forward)[:, :, margin : margin + out, margin : margin + out]
         vectors = torch.einsum("bihw,bij->bjhw", target, rot.float())  # A^T G: vectors in patch axes
@@ -421,7 +424,7 @@ class DeviceSampler:
         points = torch.cat([window, at_label.reshape(n, 1, -1, 2)], 2)
         smooth = F.grid_sample(labels[:, :2], points, mode="bilinear", padding_mode="zeros", align_corners=False)
         sharp = F.grid_sample(labels[:, 2:], points, mode="nearest", padding_mode="zeros", align_corners=False)
-        sampled = torch.cat([(smooth >= 0.5).float(), sharp[:, :1]], 1)[:, :, 0]  # (B, 3, O*O + S*S)
+        sampled = torch.cat([smooth.ge_(0.5), sharp[:, :1]], 1)[:, :, 0]  # (B, 3, O*O + S*S), ge_ writes 0/1 floats
         seg3 = sampled[..., : out * out].reshape(n, 3, out, out)
         polys = sampled[..., out * out :].reshape(n, 3, size, size)
         if self.owners is not None and draws.keep is not None:
@@ -430,7 +433,7 @@ class DeviceSampler:
         image = F.grid_sample(image, at_x, mode="bilinear", padding_mode="border", align_corners=False)
         seg = torch.cat([1.0 - seg3.amax(1, keepdim=True), seg3], 1)
         return {
-            "image": jitter(image, draws.jitter).div_(127.5).sub_(1.0),
+            "image": jitter(image, draws.jitter).div_(127.5).sub_(1.0),  # not * (1 / 127.5): 255 -> 1 exactly
             "polys": polys,
             "disp": (vectors / cfg.max_displacement).clamp(-1.0, 1.0),
             "seg": seg,
