@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from cadalign.train import (
     resume_step,
     save_model,
     setup_runtime,
+    source_batches,
     train,
 )
 
@@ -138,6 +140,69 @@ def test_interrupted_then_resumed_run_equals_uninterrupted(tmp_path: Path) -> No
     train(MODEL, LossConfig(), replace(FAST, seed=1), TinyPatches(), tmp_path / "c.ckpt", tmp_path / "c.pt")
     c = load_model(tmp_path / "c.pt").state_dict()
     assert any(not torch.allclose(c[n], a[n]) for n in a)
+
+
+class StepBatches:
+    """A batch source: seeded random batches of TinyPatches' shapes, a pure function of the step.
+    Records the steps asked for, the threads that made them and their torch thread counts."""
+
+    def __init__(self) -> None:
+        self.asked: list[int] = []
+        self.threads: set[int] = set()
+        self.torch_threads: set[int] = set()
+
+    def batch(self, step: int) -> dict[str, torch.Tensor]:
+        self.asked.append(step)
+        self.threads.add(threading.get_ident())
+        self.torch_threads.add(torch.get_num_threads())
+        g = torch.Generator().manual_seed(step)
+        out = AlignNet(MODEL).output_size(SIZE)
+        polys = (torch.rand(2, 3, SIZE, SIZE, generator=g) > 0.6).float()
+        return {
+            "image": torch.rand(2, 3, SIZE, SIZE, generator=g) * 2 - 1,
+            "polys": polys,
+            "disp": torch.rand(2, 2, out, out, generator=g) - 0.5,
+            "seg": (torch.rand(2, 4, out, out, generator=g) > 0.5).float(),
+            "polys_out": center_crop(polys, out),
+        }
+
+
+def test_prefetched_batches_equal_the_direct_ones() -> None:
+    """The prefetch thread yields the direct sequence, one step ahead at most, with this
+    thread's torch thread count; closing it leaves no batch in flight."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a new thread would start with the default (the core count)
+    try:
+        direct, ahead = StepBatches(), StepBatches()
+        expected = [direct.batch(step) for step in range(3, 8)]
+        batches = source_batches(ahead, 3, prefetch=True)
+        got = [next(batches) for _ in range(5)]
+        batches.close()
+    finally:
+        torch.set_num_threads(threads)
+    for want, have in zip(expected, got, strict=True):
+        assert all(want[k].numpy().tobytes() == have[k].numpy().tobytes() for k in want)
+    assert ahead.asked == [3, 4, 5, 6, 7, 8]  # batch 8 drawn while 7 was used
+    assert len(ahead.threads) == 1 and threading.get_ident() not in ahead.threads
+    assert ahead.torch_threads == {1}
+
+
+def test_prefetching_run_resumes_exactly(tmp_path: Path) -> None:
+    """Prefetch on (the default) and off give the same weights; a prefetching run killed
+    after its step-3 checkpoint and resumed ends with the same bytes as an uninterrupted one."""
+    assert FAST.prefetch
+    cfg = replace(FAST, batch_size=2)
+    train(MODEL, LossConfig(), cfg, StepBatches(), tmp_path / "a.ckpt", tmp_path / "a.pt")
+    source = StepBatches()
+    train(MODEL, LossConfig(), replace(cfg, prefetch=False), source, tmp_path / "d.ckpt", tmp_path / "d.pt")
+    assert source.threads == {threading.get_ident()}
+    with pytest.raises(_Killed):
+        train(MODEL, LossConfig(), cfg, StepBatches(), tmp_path / "b.ckpt", tmp_path / "b.pt", _kill_at(5))
+    resumed = StepBatches()
+    stats = train(MODEL, LossConfig(), cfg, resumed, tmp_path / "b.ckpt", tmp_path / "b.pt")
+    assert stats["start_step"] == 3 and resumed.asked[0] == 3
+    a, b, d = (load_model(tmp_path / f"{x}.pt").state_dict() for x in "abd")
+    assert all(torch.equal(a[k], b[k]) and torch.equal(a[k], d[k]) for k in a)
 
 
 def test_resume_rejects_a_checkpoint_of_another_model(tmp_path: Path) -> None:

@@ -23,7 +23,8 @@ import os
 import random
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -62,6 +63,8 @@ class TrainConfig:
     log_every: int = 50  # steps between on_log calls / progress-bar updates
     seed: int = 0  # offset by the rank, so each process draws different patches
     num_workers: int = 0  # DataLoader worker processes per rank
+    # A batch source's next batch drawn in a background thread during the step (see source_batches).
+    prefetch: bool = True
     compile: bool = True  # torch.compile the model (CUDA only; ignored on CPU)
     channels_last: bool = True  # NHWC memory layout (CUDA only; faster convolutions)
     amp: bool = True  # mixed-precision autocast (CUDA only; CPU runs in float32)
@@ -193,7 +196,7 @@ class _ShardedStream(Sampler[int]):
 
 def loader_batches(
     dataset: Dataset, cfg: TrainConfig, rt: Runtime, start_step: int
-) -> Iterator[dict[str, Any]]:
+) -> Generator[dict[str, Any], None, None]:
     """Endless batches for this rank, starting at ``start_step``."""
     loader_rng = torch.Generator().manual_seed(cfg.seed * 1_000_003 + rt.rank * 10_007 + start_step)
     common: dict[str, Any] = {
@@ -230,9 +233,37 @@ class BatchSource(Protocol):
     def batch(self, step: int) -> dict[str, torch.Tensor]: ...
 
 
-def source_batches(source: BatchSource, start_step: int) -> Iterator[dict[str, torch.Tensor]]:
-    """Endless batches of a :class:`BatchSource` from ``start_step`` on."""
-    return (source.batch(step) for step in itertools.count(start_step))
+def source_batches(
+    source: BatchSource, start_step: int, prefetch: bool = False
+) -> Generator[dict[str, torch.Tensor], None, None]:
+    """Endless batches of a :class:`BatchSource` from ``start_step`` on.
+
+    With ``prefetch``, batch ``k + 1`` is drawn in one background thread while the caller uses
+    batch ``k`` (torch ops release the GIL; on a GPU the thread's kernels queue on the same
+    stream, so a batch is complete before the step's kernels read it). The thread runs
+    torch with this thread's intra-op thread count and CUDA device, so it yields the same
+    bytes as direct calls; a batch stays a pure function of its step, so a resume is exact.
+    Closing the iterator waits for the batch in flight.
+    """
+    if not prefetch:
+        return (source.batch(step) for step in itertools.count(start_step))
+    return _prefetched(source, start_step)
+
+
+def _prefetched(source: BatchSource, start_step: int) -> Generator[dict[str, torch.Tensor], None, None]:
+    device = torch.cuda.current_device() if torch.cuda.is_initialized() else None
+
+    def start(threads: int = torch.get_num_threads()) -> None:
+        torch.set_num_threads(threads)  # per thread: a new one would start with the default
+        if device is not None:
+            torch.cuda.set_device(device)  # not a context on GPU 0 for every rank
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch", initializer=start) as pool:
+        pending = pool.submit(source.batch, start_step)
+        for step in itertools.count(start_step + 1):
+            batch = pending.result()
+            pending = pool.submit(source.batch, step)
+            yield batch
 
 
 def _start(loader: DataLoader) -> Iterator[Any]:
@@ -479,7 +510,7 @@ def train(
             )
 
     if isinstance(dataset, BatchSource):
-        batches = source_batches(dataset, start_step)
+        batches = source_batches(dataset, start_step, prefetch=train_cfg.prefetch)
     else:
         batches = loader_batches(dataset, train_cfg, rt, start_step)
     terms: dict[str, float] = {}
@@ -543,6 +574,7 @@ def train(
         if done % train_cfg.checkpoint_every == 0 or done == train_cfg.steps:
             checkpoint(done)
     bar.close()
+    batches.close()  # a prefetch thread stops here (after an exception: when the iterator is collected)
 
     elapsed = time.perf_counter() - t_start
     if rt.is_main:
