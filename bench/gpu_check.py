@@ -54,10 +54,11 @@ REPO = Path(__file__).resolve().parents[1]
 BENCHES = {  # name -> (script, extra arguments on a GPU); train: the eager modes (compiled: README)
     "train": ("bench/bench_train.py", ["--device", "cuda", "--batch-size", "32", "--warmup", "5", "--steps", "40",
                                        "--modes", "eager-fp32", "bf16-cl"]),
-    "sampler": ("bench/bench_sampler.py", []),
-    "realign": ("bench/bench_realign.py", []),
+    "sampler": ("bench/bench_sampler.py", ["--device", "cuda", "--input-size", "220", "--batch-size", "32"]),
+    "realign": ("bench/bench_realign.py", ["--device", "cuda", "--threads", "8"]),
     "similarity": ("bench/bench_similarity.py", ["--device", "cuda"]),
 }
+TAKES_PARAMS = ("sampler", "realign", "similarity")  # on a GPU they measure the preset's network (--params)
 # seconds each benchmark may take (3 min in all on a GPU) and those kept for the study
 BENCH_LIMIT_S = {
     "gpu": {"train": 60, "sampler": 40, "realign": 50, "similarity": 30},
@@ -160,8 +161,8 @@ def run_bench(name: str, mode: str, params: Path, out: Path, env: dict[str, str]
     """Run one benchmark script; its figures from its ``--json``, or why there are none."""
     script, gpu_args = BENCHES[name]
     flags = ["--tiny"] if mode == "cpu-tiny" else gpu_args
-    if name == "similarity":
-        flags = [*flags, "--params", str(params)]  # the preset's network
+    if mode == "gpu" and name in TAKES_PARAMS:
+        flags = [*flags, "--params", str(params)]
     json_path = out / f"bench_{name}.json"
     cmd = [sys.executable, script, *flags, "--json", str(json_path)]
     entry: dict[str, Any] = {"command": " ".join(["python", script, *flags, "--json", json_path.name])}
@@ -252,15 +253,19 @@ def training_rates(logs: Path) -> list[dict[str, Any]]:
 
 
 def machine() -> dict[str, Any]:
+    """Host, versions and GPU (from nvidia-smi: no CUDA context in this process, whose memory it would count)."""
     import torch
 
-    cuda = torch.cuda.is_available()
+    gpu = None
+    if shutil.which("nvidia-smi"):
+        query = ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"]
+        gpu = subprocess.run(query, capture_output=True, text=True, check=False).stdout.strip() or None
     return {
         "host": platform.node(),
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "cuda": torch.version.cuda if cuda else None,
-        "gpu": torch.cuda.get_device_name(0) if cuda else None,
+        "cuda": torch.version.cuda,
+        "gpu": gpu,
         "cpus": os.cpu_count(),
     }
 

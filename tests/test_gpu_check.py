@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -90,7 +91,7 @@ def _table(md: str, header: str) -> list[list[str]]:
 @pytest.mark.slow
 def test_cpu_tiny_report_holds_every_figure(tiny_check) -> None:
     report, _, study = tiny_check
-    assert report["mode"] == "cpu-tiny" and report["machine"]["gpu"] is None
+    assert report["mode"] == "cpu-tiny"
     assert list(report["benches"]) == ["train", "sampler", "realign", "similarity"]
     for name, bench in report["benches"].items():
         script = REPO / gpu_check.BENCHES[name][0]
@@ -98,7 +99,8 @@ def test_cpu_tiny_report_holds_every_figure(tiny_check) -> None:
         assert ("figures" in bench) == (bench["status"] == "ok")
     train = report["benches"]["train"]
     assert train["status"] == "ok" and train["figures"]["modes"]["eager-fp32"]["patches_per_s"] > 0
-    assert train["gpu_busy_share"] is None  # no GPU: nothing sampled, nothing invented
+    if shutil.which("nvidia-smi") is None:  # no GPU: nothing sampled, nothing invented
+        assert report["machine"]["gpu"] is None and train["gpu_busy_share"] is None and train["gpu_peak_mib"] is None
 
     s = report["study"]
     assert s["status"] == "ok" and s["preset"] == "tiny"
