@@ -203,3 +203,13 @@ def test_summary_metrics_against_numpy() -> None:
     assert m["ns_pairwise_max_abs_diff"] < 1e-10
     assert m["N_S_rot_median"] == pytest.approx(np.median(res.counts["N_S_rot"]))
     assert m["N_S_rot_mean"] >= m["N_S_mean"]  # k^{C,rot} >= k^C pair by pair
+
+
+def test_ns_histogram_of_counts_equal_up_to_rounding() -> None:
+    """Every patch with the same N_S up to the last bits (numpy refuses bins on such a range) lands
+    in the middle bin of a unit range."""
+    n_s = np.array([3.0, np.nextafter(3.0, 4.0), 3.0, np.nextafter(3.0, 2.0)])
+    counts, edges, examples = analysis.ns_histogram(n_s, 10)
+    assert counts.sum() == 4 and counts[5] == 4
+    assert edges[0] == pytest.approx(2.45) and edges[-1] == pytest.approx(3.45)
+    assert examples[5] in range(4) and (examples[np.arange(10) != 5] == -1).all()

@@ -637,7 +637,14 @@ def ns_histogram(n_s: np.ndarray, bins: int = 10) -> tuple[np.ndarray, np.ndarra
     n_s = np.asarray(n_s, dtype=float)
     if n_s.size == 0 or bins < 1:
         raise ValueError(f"need at least one value and one bin, got {n_s.size} values and bins={bins}")
-    counts, edges = np.histogram(n_s, bins=bins)
+    low, high = float(n_s.min()), float(n_s.max())
+    # Counts equal up to rounding (e.g. every patch sees all others) leave too small a range for
+    # the bins: use a unit range with them at the centre of the middle bin.
+    span = None
+    if high - low <= 1e-9 * max(1.0, abs(high)):
+        start = 0.5 * (low + high) - (bins // 2 + 0.5) / bins
+        span = (start, start + 1.0)
+    counts, edges = np.histogram(n_s, bins=bins, range=span)
     which = np.clip(np.searchsorted(edges, n_s, side="right") - 1, 0, bins - 1)
     examples = np.full(bins, -1, dtype=np.int64)
     centres = 0.5 * (edges[:-1] + edges[1:])
