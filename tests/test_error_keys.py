@@ -32,7 +32,7 @@ ANY = "*"  # a segment that stands for any name: a placeholder in a message, a m
 LEAF: dict[str, Any] = {}  # a value with no keys under it
 
 # a section, then dotted names; f-string fields ({...}) and <placeholders> stand for any name
-KEY_RE = re.compile(r"(?<![\w./\-])(?:%s)(?:\.(?:[A-Za-z_]\w*|<[^>]*>|\{\}))+" % "|".join(SECTIONS))
+KEY_RE = re.compile(r"(?<![\w./\-])(?:" + "|".join(SECTIONS) + r")(?:\.(?:[A-Za-z_]\w*|<[^>]*>|\{\}))+")
 
 
 def _docstring_nodes(tree: ast.AST) -> set[int]:
