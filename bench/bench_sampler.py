@@ -9,6 +9,11 @@
    cost on the training loop: the ratio is the share of the GPU the sampler leaves to training).
 3. With ``--compile``: torch.compile's first-step seconds and the steps per second of the
    training step eager and compiled (random batch), interleaved after the compiled warm-up.
+4. With ``--step-times N``: wall seconds per step of ``cadalign.train.train`` itself (N steps,
+   the median after two warm-up steps) with the exact sampler in ``--workers`` loader
+   processes, the device sampler in the training thread, and the device sampler prefetching
+   the next batch in a background thread (``train.optim.prefetch``); ``--repeats`` rounds of
+   the three, interleaved, and the median of the rounds. Torch runs ``--threads`` threads.
 
 The tiles are synthetic (``cadalign.sources.synthetic``), labelled with their true polygons.
 
@@ -17,6 +22,7 @@ Usage::
     python bench/bench_sampler.py                          # ds 4, 120 -> 64 px, batch 8 (the CPU study)
     python bench/bench_sampler.py --tiny --json out.json   # seconds (CI, GPU checks)
     python bench/bench_sampler.py --compile --threads 2    # + compile seconds and steps/s both ways
+    python bench/bench_sampler.py --threads 2 --step-times 16 --repeats 3   # + s/step in train()
 
 The figures are printed (the script's output, not a log); ``--json`` also writes them.
 """
@@ -27,6 +33,9 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
+import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -38,10 +47,10 @@ from cadalign.config import load_section
 from cadalign.device_patches import DeviceSampler
 from cadalign.geo.rasterize import rasterizing
 from cadalign.model import AlignNet, LossConfig, ModelConfig, alignment_loss
-from cadalign.patches import PatchSampler, TileData
+from cadalign.patches import PatchConfig, PatchDataset, PatchSampler, TileData
 from cadalign.sources.synthetic import generate_tile, tile_seed
-from cadalign.stages.train import TrainStageConfig
-from cadalign.train import TrainConfig, training_device
+from cadalign.settings.train import TrainStageConfig
+from cadalign.train import TrainConfig, train, training_device
 
 TINY = {"size": 256, "styles": ["dense"], "ds": 2, "input_size": 60, "batch_size": 4, "batches": 3, "train_steps": 2}
 TINY_MODEL = ModelConfig(image_widths=(4, 8), poly_widths=(2, 4), deep_supervision_levels=1)
@@ -149,6 +158,35 @@ def compile_figures(model_cfg: ModelConfig, batch: dict[str, torch.Tensor], step
     }
 
 
+def step_seconds(
+    tiles: list[TileData], cfg: PatchConfig, model_cfg: ModelConfig, opts: TrainConfig, steps: int, repeats: int
+) -> dict[str, float | list[float]]:
+    """Median wall seconds per step of train() for each way of making its batches (see the module docstring),
+    and under ``<way>_rounds`` the figure of each round."""
+    ways = {
+        f"exact_workers_{opts.num_workers}": lambda: PatchDataset(tiles, cfg),
+        "device": lambda: DeviceSampler(tiles, cfg, opts.batch_size, training_device(opts)),
+        "device_prefetch": lambda: DeviceSampler(tiles, cfg, opts.batch_size, training_device(opts)),
+    }
+    found: dict[str, list[float]] = {name: [] for name in ways}
+    os.environ.setdefault("TQDM_DISABLE", "1")  # train()'s progress bar, a line per run otherwise
+    for _ in range(repeats):
+        for name, source in ways.items():
+            seconds: list[float] = []
+            run = dataclasses.replace(
+                opts, steps=steps, log_every=1, checkpoint_every=steps, compile=False, prefetch=name.endswith("prefetch")
+            )
+            with tempfile.TemporaryDirectory() as tmp:  # a fresh run each time, not a resume
+                train(
+                    model_cfg, LossConfig(), run, source(), Path(tmp) / "c.pt", Path(tmp) / "m.pt",
+                    on_log=lambda step, stats: seconds.append(run.batch_size / stats["patches_per_s"]),
+                )
+            found[name].append(statistics.median(seconds[2:]))  # after the loader's start and the first step
+    return {name: statistics.median(values) for name, values in found.items()} | {
+        f"{name}_rounds": values for name, values in found.items()
+    }
+
+
 def main() -> None:
     """Parse arguments, measure, print (and write) the figures."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -164,6 +202,9 @@ def main() -> None:
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--step-times", type=int, default=0, help="steps of train() per run (0: not measured)")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds of --step-times")
+    parser.add_argument("--workers", type=int, default=1, help="loader processes of the exact sampler in --step-times")
     parser.add_argument("--tiny", action="store_true", help=f"seconds, a tiny network: {TINY}")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here as JSON")
     args = parser.parse_args()
@@ -232,6 +273,13 @@ def main() -> None:
             f"{found['eager_steps_per_s']:.2f} steps/s eager, {found['compiled_steps_per_s']:.2f} compiled "
             f"({found['compiled_speedup']:.2f}x)"
         )
+    if args.step_times:
+        opts = TrainConfig(batch_size=args.batch_size, num_workers=args.workers, device=args.device, lr=1e-3)
+        found = step_seconds(tiles, cfg, model_cfg, opts, args.step_times, args.repeats)
+        figures["step_seconds"] = found
+        rounds = {k: ", ".join(f"{v:.3f}" for v in found[f"{k}_rounds"]) for k in found if not k.endswith("_rounds")}
+        for name, rounds_text in rounds.items():
+            print(f"train() {name:18s} {found[name]:.3f} s/step (median of rounds: {rounds_text})")
     if args.json is not None:
         args.json.write_text(json.dumps(figures, indent=2) + "\n")
 

@@ -5,7 +5,8 @@ made differently:
 
 - once per network (one ``ds``): each tile is downsampled and its current labels are burned
   at that resolution into fill/edge/vertex bits (:func:`cadalign.geo.rasterize.rasterize_polygons`,
-  as the exact path burns them); images and label bits stay on the device as uint8;
+  as the exact path burns them); image and label bits stay on the device, one 32-bit word per
+  pixel (R, G, B, bits), so a batch's crops are one gather;
 - per batch, everything is drawn on the device from a ``torch.Generator`` seeded by
   ``(seed, rank, step)``: tile (:func:`~cadalign.patches.tile_probabilities`), rotation, flip,
   centre (candidates rejected until the rotated output window holds a label vertex, as
@@ -16,7 +17,9 @@ made differently:
   misaligned input raster samples the labels at ``x + G(x)``, with ``G`` the field's inverse
   (``u + G(u) = v``: a label vertex ``v`` misaligned to ``u = v - F(v)`` is found there); the
   target is ``A^T G(x) / max_displacement`` clipped to [-1, 1] (``F`` with
-  ``inverse_target: false``).
+  ``inverse_target: false``). The grid is made in float32 relative to a crop cut around each
+  centre (points under a crop's side, so exact to ~1e-5 px), by ``affine_grid``; batch-wide
+  tensor ops throughout, no loop over patches.
 
 Warping the burned rasters instead of the polygons moves each boundary by up to a tile pixel's
 interpolation error (the burn is at the network's own resolution); tests/test_device_patches.py
