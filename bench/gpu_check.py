@@ -51,7 +51,7 @@ from cadalign.presets import compose
 logger = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
-BENCHES = {  # name -> (script, extra arguments on a GPU); train: the eager modes (compiled: README)
+BENCHES = {  # name -> (script, extra arguments on a GPU); train: the eager modes (compiled: docs/gpu.md)
     "train": ("bench/bench_train.py", ["--device", "cuda", "--batch-size", "32", "--warmup", "5", "--steps", "40",
                                        "--modes", "eager-fp32", "bf16-cl"]),
     "sampler": ("bench/bench_sampler.py", ["--device", "cuda", "--input-size", "220", "--batch-size", "32"]),

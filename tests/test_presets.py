@@ -34,7 +34,7 @@ def test_every_preset_loads_through_the_stage_configs(name: str, tmp_path: Path)
 
 def test_full_and_gpu_train_the_reference_network() -> None:
     full, gpu, cpu = (compose(CONF, name) for name in ("full", "gpu", "cpu"))
-    # the reference network of README's H100 benchmark: 6.69 M parameters, 220 -> 100 px
+    # the reference network of the H100 benchmark of docs/gpu.md: 6.69 M parameters, 220 -> 100 px
     net = AlignNet(ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in full["train"]["model"].items()}))
     assert round(sum(p.numel() for p in net.parameters()) / 1e6, 2) == 6.69
     assert net.output_size(full["train"]["input_size"]) == 100

@@ -41,7 +41,7 @@ GROUP = "preset"
 PACKAGE_LINE = "# @package _global_"
 GENERATED = (
     "# Written by `python -m cadalign.presets write` from conf/preset/{name}.yaml (edit that file, then\n"
-    "# rerun it); `dvc exp run -S preset=<name>` composes this file from conf/ (README: GPU).\n"
+    "# rerun it); `dvc exp run -S preset=<name>` composes this file from conf/ (docs/gpu.md).\n"
 )
 
 
