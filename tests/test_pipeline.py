@@ -50,8 +50,9 @@ def test_dvc_repro_whole_study(tmp_path, monkeypatch) -> None:
     assert list(changes) == ["round0_to_round1", "round1_to_round2", "round2_to_round3"]
     assert all(c["ci95_low_px"] <= c["median_change_px"] <= c["ci95_high_px"] for c in changes.values())
     compare = json.loads((proj / "data" / "compare" / "metrics.json").read_text())
-    assert set(compare) == {"round1", "round2", "round3"}
-    assert all(compare[r]["n_patches"] > 0 for r in compare)
+    assert set(compare) == {"round1", "round2", "round3", "changes"}
+    assert all(compare[r]["n_patches"] > 0 for r in ("round1", "round2", "round3"))
+    assert list(compare["changes"]) == ["round1_to_round2", "round2_to_round3"]
     # per-file code deps: touching the drawing module leaves every other stage up to date
     draw_module = proj / "src" / "cadalign" / "stages" / "draw.py"
     original = draw_module.read_text()
@@ -145,7 +146,7 @@ def test_dvc_yaml_names_no_round_but_the_input() -> None:
 def test_the_number_of_rounds_is_set_in_params_alone(tmp_path, monkeypatch, n_rounds: int) -> None:
     """A tiny study of 2 or 4 rounds runs end to end after editing params.yaml only."""
     rounds = ", ".join(f"round{k}: round{k - 1}" for k in range(1, n_rounds + 1))
-    study = TINY_STUDY_PARAMS.replace("  round_factors: {round3: [2]}  # round 3 trains (and realigns with) ds 2 alone\n", "")
+    study = TINY_STUDY_PARAMS.replace("round_factors: {round3: [2]}", "round_factors: {}")  # every round: factors
     study = re.sub(r"rounds: \{.*\}", f"rounds: {{{rounds}}}", study)
     params = (
         "cities:\n  minitown: {source: synthetic, style: dense, tiles: [1]}\n"
@@ -161,7 +162,7 @@ def test_the_number_of_rounds_is_set_in_params_alone(tmp_path, monkeypatch, n_ro
     changes = json.loads((proj / "data" / "changes" / "metrics.json").read_text())
     assert list(changes) == [f"{a}_to_{b}" for a, b in zip(names, names[1:])]
     compare = json.loads((proj / "data" / "compare" / "metrics.json").read_text())
-    assert sorted(compare) == names[1:]
+    assert sorted(compare) == sorted([*names[1:], "changes"])
 
 
 def _module_file(src: Path, name: str) -> Path | None:
