@@ -52,6 +52,8 @@ from cadalign.sources.synthetic import generate_tile, tile_seed
 from cadalign.settings.train import TrainStageConfig
 from cadalign.train import TrainConfig, train, training_device
 
+from benchargs import add_tiny_and_json, parse_args
+
 TINY = {"size": 256, "styles": ["dense"], "ds": 2, "input_size": 60, "batch_size": 4, "batches": 3, "train_steps": 2}
 TINY_MODEL = ModelConfig(image_widths=(4, 8), poly_widths=(2, 4), deep_supervision_levels=1)
 
@@ -205,12 +207,8 @@ def main() -> None:
     parser.add_argument("--step-times", type=int, default=0, help="steps of train() per run (0: not measured)")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds of --step-times")
     parser.add_argument("--workers", type=int, default=1, help="loader processes of the exact sampler in --step-times")
-    parser.add_argument("--tiny", action="store_true", help=f"seconds, a tiny network: {TINY}")
-    parser.add_argument("--json", type=Path, default=None, help="also write the figures here as JSON")
-    args = parser.parse_args()
-    if args.tiny:
-        for key, value in TINY.items():
-            setattr(args, key, value)
+    add_tiny_and_json(parser, TINY, "seconds, a tiny network")
+    args = parse_args(parser, TINY)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
 

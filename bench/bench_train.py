@@ -31,12 +31,13 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from cadalign.model import AlignNet, LossConfig, ModelConfig, alignment_loss
 from cadalign.train import Runtime, TrainConfig, setup_runtime
+
+from benchargs import add_tiny_and_json, parse_args
 
 logger = logging.getLogger(__name__)
 
@@ -151,12 +152,8 @@ def main() -> None:
         help="modes to time (CUDA-only ones skip on CPU; default all, --tiny: the eager ones)",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--tiny", action="store_true", help=f"a tiny network and batch, seconds on a CPU: {TINY}")
-    parser.add_argument("--json", type=Path, default=None, help="also write the figures here as JSON")
-    args = parser.parse_args()
-    if args.tiny:
-        for key, value in TINY.items():
-            setattr(args, key, value)
+    add_tiny_and_json(parser, TINY, "a tiny network and batch, seconds on a CPU")
+    args = parse_args(parser, TINY)
     modes_asked = args.modes or [m for m in MODES if not (args.tiny and MODES[m].compile)]
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.threads is not None:
