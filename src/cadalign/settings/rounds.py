@@ -30,7 +30,7 @@ def read_rounds(params: str | Path) -> dict[str, str]:
         check_name(str(name), "round name (rounds)")
         check_name(str(source), f"label set of rounds.{name}")
         out[str(name)] = str(source)
-    label_order(out, where=str(params))
+    label_order(out, where=str(params))  # refuses cycles, naming the file
     return out
 
 
@@ -55,3 +55,14 @@ def label_order(rounds: Mapping[str, str], where: str = "params.yaml") -> list[s
             order.append(name)
             del pending[name]
     return order
+
+
+def label_sets(params: str | Path) -> tuple[dict[str, str], list[str]]:
+    """The checked ``rounds`` mapping of params.yaml and every label set in the order it is made
+    (see :func:`label_order`), read once for the aggregate stages.
+
+    Raises:
+        ConfigError: as :func:`read_rounds`.
+    """
+    rounds = read_rounds(params)
+    return rounds, label_order(rounds)

@@ -41,7 +41,7 @@ import numpy as np
 from cadalign.atomic import atomic_path, write_json
 from cadalign.plots import ROUND_COLOURS, save_figure
 from cadalign.similarity.explain import paired_median_change
-from cadalign.settings.rounds import label_order, read_rounds
+from cadalign.settings.rounds import label_sets
 from cadalign.stages.common import setup_logging
 from cadalign.tracking import stage_run
 
@@ -289,8 +289,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.queries < 1:
         parser.error(f"--queries must be >= 1, got {args.queries}")
     if args.similarity_dir is not None:  # every round of the study, in the order it is made
-        study = read_rounds(args.params)
-        made = label_order(study, where=str(args.params))
+        study, made = label_sets(args.params)
         args.rounds = [(name, args.similarity_dir / name) for name in made if name in study]
     names = [name for name, _ in args.rounds]
     if len(set(names)) != len(names):

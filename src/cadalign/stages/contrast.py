@@ -25,7 +25,7 @@ import numpy as np
 from cadalign import evaluate
 from cadalign.atomic import write_json
 from cadalign.config import load_section
-from cadalign.settings.rounds import label_order, read_rounds
+from cadalign.settings.rounds import label_sets
 from cadalign.stages.common import make_parser, name_path_pairs, setup_logging
 from cadalign.tracking import stage_run
 
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging()
     cfg = load_section(args.params, "evaluate", evaluate.BootstrapConfig)
     if args.eval_dir is not None:
-        names = label_order(read_rounds(args.params), where=str(args.params))
+        _, names = label_sets(args.params)
         paths = {name: args.eval_dir / name / "errors.csv" for name in names}
     else:
         paths = name_path_pairs(args.errors, "--errors")

@@ -26,7 +26,7 @@ from cadalign.config import load_section
 from cadalign.geo.polygons import read_polygons, to_pixels
 from cadalign.geo.tiles import read_tile
 from cadalign.plots import ROUND_COLOURS, plot_accuracy_curves, plot_overlay
-from cadalign.settings.rounds import label_order, read_rounds
+from cadalign.settings.rounds import label_sets
 from cadalign.stages.common import make_parser, name_path_pairs, setup_logging
 from cadalign.tracking import stage_run
 
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.labels_dir is not None or args.eval_dir is not None:
         if args.labels_dir is None or args.eval_dir is None or labels or curves:
             parser.error("give --labels-dir and --eval-dir together, or --labels and --curves, not a mix")
-        names = label_order(read_rounds(args.params), where=str(args.params))
+        _, names = label_sets(args.params)
         labels = {name: args.labels_dir / name for name in names}
         curves = {name: args.eval_dir / name / "accuracy.csv" for name in names}
     if not labels or not curves:

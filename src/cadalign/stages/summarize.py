@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from cadalign.atomic import write_json
-from cadalign.settings.rounds import label_order, read_rounds
+from cadalign.settings.rounds import label_sets
 from cadalign.stages.common import make_parser, setup_logging
 from cadalign.tracking import StageRun, stage_run
 
@@ -101,8 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True, help="folder of the headline files (<label set>.json)")
     args = parser.parse_args(argv)
     setup_logging()
-    rounds = read_rounds(args.params)
-    names = label_order(rounds, where=str(args.params))
+    rounds, names = label_sets(args.params)
     dirs = {"eval": args.eval_dir, "similarity": args.similarity_dir}
     with stage_run("summarize", {"rounds": rounds}) as run:
         rows = {name: headline(name, dirs, has_network=name in rounds) for name in names}
