@@ -81,12 +81,12 @@ def mirror(study: StageRun | None, rows: dict[str, dict[str, float]], figures: l
     (a rerun with the same numbers adds no duplicate point), and attach the figures."""
     if study is None or study.run_id is None:
         return
+    last: dict[tuple[str, int], float] = {}  # (key, step) -> the value logged last; one history read per key
+    for key in dict.fromkeys(k for values in rows.values() for k in values):
+        for m in study.client.get_metric_history(study.run_id, key):
+            last[(key, m.step)] = m.value
     for step, values in enumerate(rows.values()):
-        fresh = {}
-        for key, value in values.items():
-            logged = [m.value for m in study.client.get_metric_history(study.run_id, key) if m.step == step]
-            if not logged or logged[-1] != value:
-                fresh[key] = value
+        fresh = {key: value for key, value in values.items() if last.get((key, step)) != value}
         study.log_metrics(fresh, step=step)
     for path in figures:
         for png in sorted(path.glob("*.png")) if path.is_dir() else [path]:
