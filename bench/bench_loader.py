@@ -35,8 +35,8 @@ from dataclasses import dataclass
 import numpy as np
 
 import cadalign.stages.train  # noqa: F401  (the objects of a training process)
-from cadalign.geo.rasterize import rasterizing
 from cadalign.patches import PatchConfig, PatchDataset, PatchSampler, TileData
+from cadalign.raster import rasterizing
 from cadalign.sources.synthetic import generate_tile, tile_seed
 from cadalign.train import TrainConfig, loader_batches, setup_runtime
 

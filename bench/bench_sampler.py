@@ -45,9 +45,9 @@ import torch
 
 from cadalign.config import load_section
 from cadalign.device_patches import DeviceSampler
-from cadalign.geo.rasterize import rasterizing
 from cadalign.model import AlignNet, LossConfig, ModelConfig, alignment_loss
 from cadalign.patches import PatchConfig, PatchDataset, PatchSampler, TileData
+from cadalign.raster import rasterizing
 from cadalign.sources.synthetic import generate_tile, tile_seed
 from cadalign.settings.train import TrainStageConfig
 from cadalign.train import TrainConfig, train, training_device

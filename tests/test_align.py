@@ -26,7 +26,7 @@ from cadalign.align import (
     window_weights,
 )
 from cadalign.config import ConfigError, from_dict
-from cadalign.geo.rasterize import rasterize_polygons
+from cadalign.raster import rasterize_polygons
 from cadalign.model import AlignNet, ModelConfig
 
 DISP_MAX = 4.0

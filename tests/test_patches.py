@@ -13,9 +13,9 @@ import torch
 from conftest import seeded_buildings
 
 from cadalign.config import ConfigError, from_dict
-from cadalign.geo.rasterize import rasterize_polygons
 from cadalign.noise import sample_field
-from cadalign.patches import PatchConfig, PatchDataset, PatchSampler, TileData, downsample_image, scale_geoms
+from cadalign.patches import PatchConfig, PatchDataset, PatchSampler, TileData
+from cadalign.raster import downsample_image, rasterize_polygons, scale_geoms
 
 SMALL = {"input_size": 60, "output_size": 20}  # margin 20, crop 89 px
 # A per-crop field over 89 px is much rougher than production's over 316 px (S = 220);

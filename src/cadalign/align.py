@@ -42,10 +42,9 @@ from scipy import ndimage
 from torch import nn
 from tqdm import tqdm
 
-from cadalign.geo.rasterize import EDGE, rasterize_polygons
 from cadalign.noise import sample_field
-from cadalign.patches import downsample_image, scale_geoms
 from cadalign.precision import autocast, autocast_dtype
+from cadalign.raster import EDGE, downsample_image, rasterize_polygons, scale_geoms
 
 logger = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ The same samples as :class:`cadalign.patches.PatchSampler` (read its module docs
 made differently:
 
 - once per network (one ``ds``): each tile is downsampled and its current labels are burned
-  at that resolution into fill/edge/vertex bits (:func:`cadalign.geo.rasterize.rasterize_polygons`,
+  at that resolution into fill/edge/vertex bits (:func:`cadalign.raster.rasterize_polygons`,
   as the exact path burns them); image and label bits stay on the device, one 32-bit word per
   pixel (R, G, B, bits), so a batch's crops are one gather;
 - per batch, everything is drawn on the device from a ``torch.Generator`` seeded by
@@ -50,7 +50,6 @@ import torch.nn.functional as F
 from scipy import ndimage
 from tqdm import tqdm
 
-from cadalign.geo.rasterize import EDGE, FILL, VERTEX, rasterize_polygons
 from cadalign.noise import BUMP_VARIANCE
 from cadalign.patches import (
     FIELD_GRID,
@@ -62,6 +61,7 @@ from cadalign.patches import (
     downsample_tile,
     tile_probabilities,
 )
+from cadalign.raster import EDGE, FILL, VERTEX, rasterize_polygons
 
 logger = logging.getLogger(__name__)
 

@@ -47,8 +47,8 @@ import shapely
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from cadalign.geo.rasterize import rasterize_polygons, rasterizing
 from cadalign.noise import random_displacement_field, sample_field
+from cadalign.raster import downsample_image, rasterize_polygons, rasterizing, scale_geoms
 
 logger = logging.getLogger(__name__)
 
@@ -237,48 +237,6 @@ class Patch:
         """The training sample: dict of float32 tensors image, polys, disp, seg, polys_out."""
         names = ("image", "polys", "disp", "seg", "polys_out")
         return {name: torch.from_numpy(np.ascontiguousarray(getattr(self, name))) for name in names}
-
-
-def downsample_image(image: np.ndarray, ds: int) -> tuple[np.ndarray, tuple[float, float]]:
-    """Downsample an image by ``ds`` with area averaging (anti-aliased).
-
-    Args:
-        image: (H, W, C) array.
-        ds: integer downsampling factor (1 returns ``image`` itself).
-
-    Returns:
-        (image_ds, (sx, sy)): the image of size ``(round(H / ds), round(W / ds))`` and the
-        exact factors that map full-resolution pixel coordinates to it (``1 / ds`` when ``ds``
-        divides the size).
-
-    Raises:
-        ValueError: if ``ds`` < 1 or the image is not (H, W, C).
-    """
-    if ds < 1:
-        raise ValueError(f"ds={ds} must be >= 1")
-    if image.ndim != 3:
-        raise ValueError(f"image must be (H, W, C), got shape {image.shape}")
-    if ds == 1:
-        return image, (1.0, 1.0)
-    height, width = image.shape[:2]
-    new_h, new_w = max(1, round(height / ds)), max(1, round(width / ds))
-    small = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_AREA)
-    if small.ndim == 2:  # cv2 drops a single channel axis
-        small = small[:, :, None]
-    return small, (new_w / width, new_h / height)
-
-
-def scale_geoms(geoms: np.ndarray, sx: float, sy: float) -> np.ndarray:
-    """Scale pixel coordinates about the origin (the top-left image corner).
-
-    Args:
-        geoms: shapely geometries in pixel coordinates.
-        sx, sy: factors along x (columns) and y (rows), e.g. from :func:`downsample_image`.
-
-    Returns:
-        Object array of the scaled geometries, same order, structure and vertex order.
-    """
-    return shapely.transform(np.asarray(geoms, dtype=object), lambda xy: xy * (sx, sy))
 
 
 def downsample_tile(tile: TileData, ds: int, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:

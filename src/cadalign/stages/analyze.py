@@ -60,10 +60,9 @@ from cadalign.atomic import atomic_path, write_json
 from cadalign.evaluate import vertex_errors
 from cadalign.config import load_cities, load_section
 from cadalign.geo.labels import LabelledTile, load_labelled_tiles
-from cadalign.geo.rasterize import EDGE, rasterize_polygons
 from cadalign.model import AlignNet
-from cadalign.patches import downsample_image, scale_geoms
 from cadalign.plots import save_figure
+from cadalign.raster import EDGE, downsample_image, rasterize_polygons, scale_geoms
 from cadalign.similarity import analysis, explain
 from cadalign.similarity.density import count_keys
 from cadalign.similarity.grads import alignment_output_fn

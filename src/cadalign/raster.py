@@ -1,4 +1,10 @@
-"""Rasterize polygons into the three input channels of the network: fill, edge, vertex.
+"""Pixel-space rasters: polygons burned into the network's fill/edge/vertex channels, and
+images and geometries downsampled to the network's resolution.
+
+The one home of these helpers for both the training data (:mod:`cadalign.patches`,
+:mod:`cadalign.device_patches`) and realignment (:mod:`cadalign.align`), and the similarity
+analysis. No geodata is read or written here: the arrays come from :mod:`cadalign.geo`.
+Burning uses ``rasterio.features`` on in-memory arrays (no file I/O).
 
 Polygons are in pixel coordinates (x = column, y = row, origin at the top-left corner of the
 top-left pixel). Burning uses rasterio's pixel-centre rule: a pixel is filled when its centre
@@ -11,6 +17,7 @@ import contextlib
 import logging
 from typing import Any
 
+import cv2
 import numpy as np
 import rasterio
 import shapely
@@ -111,3 +118,50 @@ def rasterize_polygons(
     inside = (cols >= 0) & (cols < width) & (rows >= 0) & (rows < height)
     out[VERTEX, rows[inside], cols[inside]] = 1
     return out
+
+
+def downsampled_shape(height: int, width: int, ds: int) -> tuple[int, int]:
+    """``(h, w)`` of an ``height x width`` image downsampled by ``ds`` (:func:`downsample_image`)."""
+    return max(1, round(height / ds)), max(1, round(width / ds))
+
+
+def downsample_image(image: np.ndarray, ds: int) -> tuple[np.ndarray, tuple[float, float]]:
+    """Downsample an image by ``ds`` with area averaging (anti-aliased).
+
+    Args:
+        image: (H, W, C) array.
+        ds: integer downsampling factor (1 returns ``image`` itself).
+
+    Returns:
+        (image_ds, (sx, sy)): the image of size ``(round(H / ds), round(W / ds))`` and the
+        exact factors that map full-resolution pixel coordinates to it (``1 / ds`` when ``ds``
+        divides the size).
+
+    Raises:
+        ValueError: if ``ds`` < 1 or the image is not (H, W, C).
+    """
+    if ds < 1:
+        raise ValueError(f"ds={ds} must be >= 1")
+    if image.ndim != 3:
+        raise ValueError(f"image must be (H, W, C), got shape {image.shape}")
+    if ds == 1:
+        return image, (1.0, 1.0)
+    height, width = image.shape[:2]
+    new_h, new_w = downsampled_shape(height, width, ds)
+    small = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_AREA)
+    if small.ndim == 2:  # cv2 drops a single channel axis
+        small = small[:, :, None]
+    return small, (new_w / width, new_h / height)
+
+
+def scale_geoms(geoms: np.ndarray, sx: float, sy: float) -> np.ndarray:
+    """Scale pixel coordinates about the origin (the top-left image corner).
+
+    Args:
+        geoms: shapely geometries in pixel coordinates.
+        sx, sy: factors along x (columns) and y (rows), e.g. from :func:`downsample_image`.
+
+    Returns:
+        Object array of the scaled geometries, same order, structure and vertex order.
+    """
+    return shapely.transform(np.asarray(geoms, dtype=object), lambda xy: xy * (sx, sy))

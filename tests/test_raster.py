@@ -10,7 +10,7 @@ from conftest import seeded_buildings
 from rasterio import features
 
 from cadalign.geo.polygons import geometry_array
-from cadalign.geo.rasterize import EDGE, FILL, VERTEX, rasterize_polygons, rasterizing
+from cadalign.raster import EDGE, FILL, VERTEX, rasterize_polygons, rasterizing
 
 
 def test_fill_follows_pixel_centre_rule() -> None:
