@@ -6,7 +6,6 @@ import logging
 
 import numpy as np
 import pytest
-import shapely
 import torch
 from torch import nn
 
@@ -39,46 +38,6 @@ def _brute_kc(model: nn.Module, inputs: tuple[torch.Tensor, ...], output: str, r
     """All-pairs k^C (or k^{C,rot}) from the per-sample loop and the pairwise normalised kernel."""
     g = per_sample_grads_loop(model, model.disp_parameters(), inputs, alignment_output_fn(output)).double()
     return (k_rot if rot else k_trace)(normalized_kernel(g[:, None], g[None, :])).numpy()
-
-
-def test_grid_windows_tile_the_image_without_overlap() -> None:
-    corners = analysis.grid_windows(70, 100, 30)
-    assert len(corners) == (70 // 30) * (100 // 30)
-    boxes = [shapely.box(x, y, x + 30, y + 30) for x, y in corners]
-    assert all(b.within(shapely.box(0, 0, 100, 70)) for b in boxes)
-    union = shapely.union_all(boxes)
-    assert union.area == pytest.approx(30 * 30 * len(boxes))  # no overlap
-    assert len(analysis.grid_windows(20, 20, 30)) == 0
-    with pytest.raises(ValueError, match="window size"):
-        analysis.grid_windows(10, 10, 0)
-
-
-def test_windows_with_polygon_matches_shapely_containment() -> None:
-    rng = np.random.default_rng(0)
-    corners = analysis.grid_windows(120, 120, 40)
-    x, y = rng.uniform(0, 110, (2, 40))
-    w, h = rng.uniform(2, 25, (2, 40))
-    geoms = shapely.box(x, y, x + w, y + h)
-    size, margin = 40, 8
-    got = analysis.windows_with_polygon(corners, size, margin, shapely.bounds(geoms))
-    lo, hi = margin, size - margin
-    regions = [shapely.box(cx + lo, cy + lo, cx + hi, cy + hi) for cx, cy in corners]
-    want = [bool(shapely.contains(region, geoms).any()) for region in regions]
-    assert got.tolist() == want
-    assert 0 < got.sum() < len(corners)  # the case is not trivial
-    assert not analysis.windows_with_polygon(corners, size, margin, np.zeros((0, 4))).any()
-
-
-def test_select_windows_is_seeded_by_tile_name() -> None:
-    cands = analysis.grid_windows(200, 200, 20)
-    a = analysis.select_windows(cands, 10, 3, "city/tile1")
-    assert len(a) == 10 and len({tuple(c) for c in a}) == 10
-    assert {tuple(c) for c in a} <= {tuple(c) for c in cands}
-    np.testing.assert_array_equal(a, analysis.select_windows(cands, 10, 3, "city/tile1"))
-    assert not np.array_equal(a, analysis.select_windows(cands, 10, 3, "city/tile2"))
-    np.testing.assert_array_equal(analysis.select_windows(cands[:4], 10, 3, "x"), cands[:4])
-    with pytest.raises(ValueError, match="patches_per_tile"):
-        analysis.select_windows(cands, 0, 3, "x")
 
 
 def test_choose_queries(caplog: pytest.LogCaptureFixture) -> None:

@@ -17,7 +17,7 @@ import torch
 
 from cadalign.config import ConfigError, load_section
 from cadalign.geo.labels import load_labelled_tiles
-from cadalign.similarity import analysis
+from cadalign.similarity import windows
 from cadalign.similarity.grads import alignment_output_fn, per_sample_grads_loop
 from cadalign.similarity.kernels import k_rot, k_trace, normalized_kernel
 from cadalign.stages import analyze
@@ -62,7 +62,7 @@ def test_output_grid_covers_every_valid_window_without_overlap(similarity_study:
     for tile in ("tinytown1", "tinytown2"):
         squares = [shapely.box(x + 12, y + 12, x + 20, y + 20) for t, x, y in got if t == tile]
         assert shapely.union_all(squares).area == pytest.approx(64 * len(squares))
-    grid = analysis.grid_windows(64, 64, SIM_SIZE, SIM_SIZE - 2 * SIM_MARGIN)
+    grid = windows.grid_windows(64, 64, SIM_SIZE, SIM_SIZE - 2 * SIM_MARGIN)
     assert len(grid) == 25 and grid.max() == 64 - SIM_SIZE
     capped = _patches(similarity_study, max_patches=3)
     assert len(capped.corners) == 3 and {tuple(c) for c in capped.corners} <= {(x, y) for _, x, y in got}

@@ -3,15 +3,8 @@
 Building blocks of the ``similarity@round`` stage, free of raster I/O (torch, numpy and
 shapely only), in the order the stage uses them:
 
-1. **One patch set for every round.** :func:`grid_windows` lays a non-overlapping grid of
-   ``S x S`` input windows over a downsampled tile (top-left window at the tile origin;
-   windows that would cross the right or bottom border are dropped);
-   :func:`windows_with_polygon` keeps those whose OUTPUT region (the central ``O x O``
-   square, ``margin = (S - O) / 2``) fully contains at least one polygon of a reference set
-   (the TRUE polygons, so the set does not depend on the round's labels); and
-   :func:`select_windows` keeps up to ``per_tile`` of them per tile, drawn with
-   ``np.random.default_rng([seed, crc32(tile name)])`` -- a tile's choice depends on its
-   name and the seed only, not on which other tiles are in the study.
+1. **One patch set for every round**, chosen by :mod:`cadalign.similarity.windows` (the
+   windows of each tile, and the cap on their number).
    :func:`choose_queries` draws the query patches: ``min(n_queries, n)`` distinct indices
    from ``np.random.default_rng([seed, QUERY_STREAM])``, sorted.
 2. **Gradients, streamed.** :class:`GradientSource` is a re-iterable chunk source of
@@ -42,7 +35,6 @@ import math
 import resource
 import sys
 import time
-import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -66,8 +58,6 @@ logger = logging.getLogger(__name__)
 
 QUERY_STREAM = 1
 """Second word of the query generator's seed, so queries and per-tile choices never share a stream."""
-CAP_STREAM = 2
-"""Second word of the seed of the draw under ``max_patches``."""
 
 
 def nearest_valid_input_size(is_valid: Callable[[int], bool], size: int, search: int = 64) -> int:
@@ -117,158 +107,6 @@ def nearest_network_input_size(model: nn.Module, size: int) -> int:
         return True
 
     return nearest_valid_input_size(valid, size)
-
-
-def grid_windows(height: int, width: int, size: int, stride: int | None = None) -> np.ndarray:
-    """Top-left corners of a regular grid of ``size x size`` windows inside an image.
-
-    With ``stride = size`` (the default) the windows do not overlap. With ``stride`` = the
-    network's OUTPUT side ``O`` the input windows share their margins (context) but their
-    output regions (``[x0 + margin, x0 + margin + O)``) tile the image without overlap:
-    every window that fits in the image, no output pixel in two patches.
-
-    Args:
-        height: Image rows.
-        width: Image columns.
-        size: Window side in pixels (>= 1).
-        stride: Step between windows (>= 1); None: ``size``.
-
-    Returns:
-        ``(n, 2)`` int64 array of ``(x0, y0)`` (column, row), row-major; empty if the image
-        is smaller than one window.
-
-    Raises:
-        ValueError: if ``size`` or ``stride`` < 1.
-    """
-    stride = size if stride is None else stride
-    if size < 1 or stride < 1:
-        raise ValueError(f"window size {size} and stride {stride} must be >= 1 px")
-    xs = np.arange(0, width - size + 1, stride, dtype=np.int64)
-    ys = np.arange(0, height - size + 1, stride, dtype=np.int64)
-    gy, gx = np.meshgrid(ys, xs, indexing="ij")
-    return np.stack([gx.ravel(), gy.ravel()], axis=1)
-
-
-def windows_with_polygon(windows: np.ndarray, size: int, margin: int, bounds: np.ndarray) -> np.ndarray:
-    """Which windows have an output region that fully contains at least one polygon.
-
-    A polygon lies inside the (convex) square output region exactly when its bounding box
-    does, so bounds suffice.
-
-    Args:
-        windows: ``(n, 2)`` top-left corners ``(x0, y0)`` of the input windows.
-        size: Input window side ``S``.
-        margin: ``(S - O) / 2``; the output region is ``[x0 + margin, x0 + S - margin]``
-            (and likewise in y), in the same pixel coordinates as ``bounds``.
-        bounds: ``(m, 4)`` polygon bounds ``(minx, miny, maxx, maxy)`` (``shapely.bounds``).
-
-    Returns:
-        ``(n,)`` bool mask.
-
-    Raises:
-        ValueError: on bad shapes or a margin that leaves no output region.
-    """
-    windows = np.asarray(windows).reshape(-1, 2)
-    bounds = np.asarray(bounds, dtype=float).reshape(-1, 4)
-    if not 0 <= 2 * margin < size:
-        raise ValueError(f"margin {margin} leaves no output region in a {size} px window")
-    if len(bounds) == 0 or len(windows) == 0:
-        return np.zeros(len(windows), dtype=bool)
-    lo = windows[:, None, :] + margin  # (n, 1, 2)
-    hi = windows[:, None, :] + size - margin
-    inside = (bounds[None, :, :2] >= lo) & (bounds[None, :, 2:] <= hi)  # (n, m, 2)
-    return inside.all(-1).any(-1)
-
-
-def windows_with_vertex(windows: np.ndarray, size: int, margin: int, vertices: np.ndarray) -> np.ndarray:
-    """Which windows have at least one vertex in their output region (as training patches need).
-
-    The output region is the half-open square ``[x0 + margin, x0 + size - margin)`` (and
-    likewise in y), so on a grid of stride ``size - 2 margin`` each point lies in one region.
-
-    Args:
-        windows: ``(n, 2)`` top-left corners ``(x0, y0)``.
-        size: Input window side ``S``.
-        margin: ``(S - O) / 2``.
-        vertices: ``(m, 2)`` vertex coordinates, same pixel frame as ``windows``.
-
-    Returns:
-        ``(n,)`` bool mask.
-
-    Raises:
-        ValueError: if the margin leaves no output region.
-    """
-    return vertices_per_window(windows, size, margin, vertices).any(0)
-
-
-def vertices_per_window(windows: np.ndarray, size: int, margin: int, vertices: np.ndarray) -> np.ndarray:
-    """``(m, n)`` bool: vertex ``i`` lies in the (half-open) output region of window ``j``.
-
-    Args:
-        windows: ``(n, 2)`` top-left corners ``(x0, y0)``.
-        size: Input window side ``S``.
-        margin: ``(S - O) / 2``.
-        vertices: ``(m, 2)`` coordinates ``(x, y)`` in the frame of ``windows``.
-
-    Returns:
-        The membership matrix.
-
-    Raises:
-        ValueError: if the margin leaves no output region.
-    """
-    windows = np.asarray(windows).reshape(-1, 2)
-    vertices = np.asarray(vertices, dtype=float).reshape(-1, 2)
-    if not 0 <= 2 * margin < size:
-        raise ValueError(f"margin {margin} leaves no output region in a {size} px window")
-    lo = windows[None, :, :] + margin  # (1, n, 2)
-    hi = windows[None, :, :] + size - margin
-    return ((vertices[:, None, :] >= lo) & (vertices[:, None, :] < hi)).all(-1)
-
-
-def select_windows(candidates: np.ndarray, per_tile: int | None, seed: int, tile_name: str) -> np.ndarray:
-    """Up to ``per_tile`` of a tile's candidate windows, drawn without replacement.
-
-    Args:
-        candidates: ``(n, 2)`` candidate corners, in grid order.
-        per_tile: Largest number kept (>= 1); None keeps all.
-        seed: Study seed of the patch choice.
-        tile_name: The tile's name; with ``seed`` it fixes the draw.
-
-    Returns:
-        ``(min(n, per_tile), 2)`` corners, in grid order.
-
-    Raises:
-        ValueError: if ``per_tile`` < 1.
-    """
-    if per_tile is not None and per_tile < 1:
-        raise ValueError(f"patches_per_tile={per_tile} must be >= 1 or null (every window)")
-    candidates = np.asarray(candidates).reshape(-1, 2)
-    if per_tile is None or len(candidates) <= per_tile:
-        return candidates
-    rng = np.random.default_rng([seed, zlib.crc32(tile_name.encode())])
-    return candidates[np.sort(rng.choice(len(candidates), per_tile, replace=False))]
-
-
-def cap_patches(n: int, max_patches: int | None, seed: int) -> np.ndarray:
-    """Indices of the patches kept when there are more than ``max_patches``: a seeded draw, sorted.
-
-    Args:
-        n: Number of candidate patches.
-        max_patches: Largest number kept (>= 1); None keeps all.
-        seed: Study seed (generator ``default_rng([seed, CAP_STREAM])``).
-
-    Returns:
-        ``(min(n, max_patches),)`` int64 sorted indices.
-
-    Raises:
-        ValueError: if ``max_patches`` < 1.
-    """
-    if max_patches is not None and max_patches < 1:
-        raise ValueError(f"max_patches={max_patches} must be >= 1 or null (no cap)")
-    if max_patches is None or n <= max_patches:
-        return np.arange(n, dtype=np.int64)
-    rng = np.random.default_rng([seed, CAP_STREAM])
-    return np.sort(rng.choice(n, max_patches, replace=False)).astype(np.int64)
 
 
 def choose_queries(n: int, n_queries: int, seed: int) -> np.ndarray:

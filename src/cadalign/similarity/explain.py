@@ -112,7 +112,7 @@ def window_medians(
 
     Args:
         inside: ``(m, n)`` bool, vertex ``i`` in window ``j`` (e.g.
-            :func:`cadalign.similarity.analysis.vertices_per_window`).
+            :func:`cadalign.similarity.windows.vertices_per_window`).
         before: ``(m,)`` vertex errors before the round.
         after: ``(m,)`` the same vertices' errors after it.
 

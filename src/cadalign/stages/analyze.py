@@ -6,7 +6,7 @@ neighbouring inputs share context, never an output pixel, so no patch is a near-
 another; ``grid: input``: the reference's non-overlapping inputs), those whose output region
 holds a TRUE vertex (``keep: vertex``, as training patches) or a whole true polygon
 (``keep: polygon``), capped per tile and in all by seeded draws (see
-:mod:`cadalign.similarity.analysis`); tiles without a kept window are skipped and counted. Each patch is the image window (scaled to [-1, 1] as in
+:mod:`cadalign.similarity.windows`); tiles without a kept window are skipped and counted. Each patch is the image window (scaled to [-1, 1] as in
 training) and the raster of the ROUND's input labels (the labels it trained on), all
 polygons kept. The round's ``ds`` network gives per-sample gradients of ``disp[0]``
 (``d = 2``, the sum over the output map or the centre pixel: ``similarity.output``).
@@ -64,6 +64,7 @@ from cadalign.model import AlignNet
 from cadalign.plots import save_figure
 from cadalign.raster import EDGE, downsample_image, rasterize_polygons, scale_geoms
 from cadalign.similarity import analysis, explain
+from cadalign.similarity.windows import cap_patches, tile_windows, vertices_per_window
 from cadalign.similarity.density import count_keys
 from cadalign.similarity.grads import alignment_output_fn
 from cadalign.stages.common import make_parser, resolve_device, setup_logging
@@ -157,37 +158,6 @@ class PatchSet:
         return image.contiguous(), torch.from_numpy(self.polys)
 
 
-def patch_windows(
-    truth: Sequence[LabelledTile], ds: int, size: int, margin: int, cfg: SimilarityConfig
-) -> dict[tuple[str, str], np.ndarray]:
-    """The windows of every tile: grid, true vertex (or polygon) in the output region, seeded choice.
-
-    Args:
-        truth: Tiles with their TRUE polygons (full-resolution pixel coordinates).
-        ds: Downsampling factor.
-        size: Window side (px at ``ds``).
-        margin: ``(size - output) / 2``.
-        cfg: ``grid``, ``keep``, ``patches_per_tile`` and ``seed``.
-
-    Returns:
-        ``{(city, tile): (m, 2) corners}`` in downsampled px, tiles in input order.
-    """
-    out = {}
-    stride = size - 2 * margin if cfg.grid == "output" else size
-    for t in truth:
-        height, width = t.tile.image.shape[:2]
-        new_h, new_w = max(1, round(height / ds)), max(1, round(width / ds))  # as downsample_image
-        grid = analysis.grid_windows(new_h, new_w, size, stride)
-        geoms = scale_geoms(t.geoms, new_w / width, new_h / height)
-        if cfg.keep == "vertex":
-            keep = analysis.windows_with_vertex(grid, size, margin, shapely.get_coordinates(geoms))
-        else:
-            keep = analysis.windows_with_polygon(grid, size, margin, shapely.bounds(geoms))
-        chosen = analysis.select_windows(grid[keep], cfg.patches_per_tile, cfg.seed, f"{t.city}/{t.name}")
-        out[(t.city, t.name)] = chosen
-    return out
-
-
 def build_patch_set(
     truth: Sequence[LabelledTile],
     labels: Sequence[LabelledTile],
@@ -219,7 +189,13 @@ def build_patch_set(
         ValueError: if no window qualifies.
     """
     by_name = {(t.city, t.name): t for t in labels}
-    windows = patch_windows(truth, ds, size, margin, cfg)
+    windows = {
+        (t.city, t.name): tile_windows(
+            t.tile.image.shape[:2], t.geoms, ds, size, margin, grid=cfg.grid, keep=cfg.keep,
+            per_tile=cfg.patches_per_tile, seed=cfg.seed, name=f"{t.city}/{t.name}",
+        )
+        for t in truth
+    }
     skipped = tuple(f"{city}/{name}" for (city, name), w in windows.items() if not len(w))
     if skipped:
         logger.warning("%d tiles have no window with a true %s in its output region: %s", len(skipped), cfg.keep, ", ".join(skipped))
@@ -229,7 +205,7 @@ def build_patch_set(
             f"no {size} px window at ds {ds} has a true {cfg.keep} inside its output region; lower "
             "similarity.patch_size or similarity.ds, or set similarity.keep: vertex"
         )
-    kept = analysis.cap_patches(len(flat), cfg.max_patches, cfg.seed)
+    kept = cap_patches(len(flat), cfg.max_patches, cfg.seed)
     if len(kept) < len(flat):
         logger.info("similarity.max_patches=%d: %d of %d windows analysed", cfg.max_patches, len(kept), len(flat))
     images, polys, cities, tiles, corners = [], [], [], [], []
@@ -329,7 +305,7 @@ def patch_gains(
             )
         height, width = t.tile.image.shape[:2]
         scale = np.array([max(1, round(width / ds)) / width, max(1, round(height / ds)) / height])
-        inside = analysis.vertices_per_window(patches.corners[rows], patches.size, patches.margin, xy * scale)
+        inside = vertices_per_window(patches.corners[rows], patches.size, patches.margin, xy * scale)
         gains.count[rows], gains.before[rows], gains.after[rows] = explain.window_medians(inside, err_before, err_after)
     if not gains.count.any():
         tiles_named = ", ".join(sorted({f"{c}/{t}" for c, t in zip(patches.cities, patches.tiles, strict=True)}))
