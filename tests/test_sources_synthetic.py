@@ -19,16 +19,8 @@ from affine import Affine
 from shapely import affinity
 
 from cadalign.geo.polygons import read_polygons, to_pixels
-from cadalign.sources.synthetic import (
-    STYLES,
-    SyntheticTile,
-    _blur,
-    _sin,
-    _upsample,
-    generate_tile,
-    tile_seed,
-    write_city,
-)
+from cadalign.sources.synthetic import STYLES, SyntheticTile, generate_tile, tile_seed, write_city
+from cadalign.sources.synthetic.exact import _blur, _sin, _upsample
 
 SIZE = 192
 # md5 of generate_tile(96, "dense", seed=0) image + mask bytes; changes only with the renderer
