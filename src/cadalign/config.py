@@ -37,7 +37,7 @@ T = TypeVar("T")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 
 SECTIONS = (
-    "cities", "synthetic", "inria", "noise", "train", "realign", "evaluate", "similarity", "draw", "rounds",
+    "cities", "synthetic", "inria", "files", "noise", "train", "realign", "evaluate", "similarity", "draw", "rounds",
     "toy",
 )
 """The top-level sections of params.yaml that some stage reads; any other name is refused as a
@@ -210,7 +210,16 @@ def check_name(name: str, what: str = "city name") -> str:
     return name
 
 
-SOURCES = ("synthetic", "inria")
+SOURCES = ("synthetic", "inria", "files")
+
+
+def _check_tiles(tiles: tuple[int, ...]) -> None:
+    if not tiles:
+        raise ValueError("tiles is empty; list at least one tile number, e.g. tiles: [1, 2]")
+    if len(set(tiles)) != len(tiles):
+        raise ValueError(f"tiles has repeated numbers: {list(tiles)}")
+    if min(tiles) < 1:
+        raise ValueError(f"tile numbers start at 1, got {list(tiles)}")
 
 
 @dataclass(frozen=True)
@@ -226,25 +235,80 @@ class CityConfig:
     style: str = "dense"
 
     def validate(self) -> None:
-        if not self.tiles:
-            raise ValueError("tiles is empty; list at least one tile number, e.g. tiles: [1, 2]")
-        if len(set(self.tiles)) != len(self.tiles):
-            raise ValueError(f"tiles has repeated numbers: {list(self.tiles)}")
-        if min(self.tiles) < 1:
-            raise ValueError(f"tile numbers start at 1, got {list(self.tiles)}")
+        _check_tiles(self.tiles)
 
 
-def load_city(path: str | Path, name: str) -> CityConfig:
+@dataclass(frozen=True)
+class FilesCityConfig:
+    """A city of one's own files (``source: files``; :mod:`cadalign.sources.files`, docs/real-data.md).
+
+    Attributes:
+        tiles: tile numbers n: tile n is the n-th image of ``images`` (sorted paths, 1-based).
+        images: GeoTIFF paths or glob patterns (one string or a list), relative to the folder
+            the stage runs in (the project root under DVC).
+        polygons: one vector file of building polygons (GeoPackage, GeoJSON, Shapefile, ...;
+            any CRS, it is reprojected to each tile's).
+        masks: optional building masks (paths or globs), one per image with the image's file
+            name, on the image's grid; nonzero = building. Empty: none.
+        layer: the layer of ``polygons`` to read ("" = its only layer).
+        bands: the 1-based bands of the images mapped to R, G, B: three bands, or one band
+            replicated; empty = band 1 for a 1-band image, bands 1-3 otherwise.
+        nodata: the value of missing pixels (None: the images' own nodata tag).
+    """
+
+    source: Literal["files"]
+    tiles: tuple[int, ...]
+    images: str | tuple[str, ...]
+    polygons: str
+    masks: str | tuple[str, ...] = ()
+    layer: str = ""
+    bands: tuple[int, ...] = ()
+    nodata: float | None = None
+
+    def validate(self) -> None:
+        _check_tiles(self.tiles)
+        if not self.images or any(not p for p in ((self.images,) if isinstance(self.images, str) else self.images)):
+            raise ValueError("images is empty; give the GeoTIFF tiles: a path, a glob or a list of them")
+        if not self.polygons:
+            raise ValueError("polygons is empty; give the vector file of the building polygons")
+        if len(self.bands) not in (0, 1, 3) or any(b < 1 for b in self.bands):
+            raise ValueError(
+                f"bands = {list(self.bands)}; give three 1-based band numbers (e.g. [1, 2, 3]), "
+                "one (replicated to R, G, B), or [] for the default"
+            )
+
+
+AnyCity = CityConfig | FilesCityConfig
+
+
+def _is_files(entry: Any, where: str) -> bool:
+    """Whether a ``cities:`` entry is a files city; an unknown source is refused listing all of them."""
+    source = entry.get("source") if isinstance(entry, dict) else None
+    if source is not None and source not in SOURCES:
+        raise ConfigError(f"{where}.source: {source!r} is not one of {list(SOURCES)}")
+    return source == "files"
+
+
+def load_city(path: str | Path, name: str) -> AnyCity:
     """The config of city ``name`` from the ``cities`` section, with the name checked."""
     check_name(name)
+    data = read_params(path)
+    entry = data["cities"].get(name) if isinstance(data.get("cities"), dict) else None
+    if _is_files(entry, f"{path}: cities.{name}"):
+        return load_section(path, f"cities.{name}", FilesCityConfig)
     return load_section(path, f"cities.{name}", CityConfig)
 
 
-def load_cities(path: str | Path) -> dict[str, CityConfig]:
+def load_cities(path: str | Path) -> dict[str, AnyCity]:
     """All cities of the ``cities`` section, names checked."""
     data = read_params(path)
     _check_sections(data, path)
     section = data.get("cities")
     if not isinstance(section, dict) or not section:
         raise ConfigError(f"{path}: section 'cities' is missing or empty; name at least one city")
-    return {check_name(name): from_dict(CityConfig, entry, f"{path}: cities.{name}") for name, entry in section.items()}
+    cities: dict[str, AnyCity] = {}
+    for name, entry in section.items():
+        where = f"{path}: cities.{check_name(name)}"
+        cls = FilesCityConfig if _is_files(entry, where) else CityConfig
+        cities[name] = from_dict(cls, entry, where)
+    return cities

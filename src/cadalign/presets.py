@@ -125,10 +125,12 @@ def load_all(params: Path) -> None:
     from cadalign.stages.misalign import NoiseConfig
     from cadalign.settings.realign import RealignStageConfig
     from cadalign.settings.train import TrainStageConfig, check_round_names, patch_config
+    from cadalign.sources.files import FilesConfig
 
     sections = {
         "synthetic": SyntheticConfig,
         "inria": InriaSourceConfig,
+        "files": FilesConfig,
         "noise": NoiseConfig,
         "train": TrainStageConfig,
         "realign": RealignStageConfig,

@@ -13,6 +13,9 @@ of the same name:
 - ``inria``: the Inria Aerial Image Labeling dataset; the city name is the Inria city
   (training cities only: the controlled experiment needs the ground-truth masks). The
   true polygons are vectorised from the masks; the OSM buildings come from Overpass.
+- ``files``: one's own GeoTIFF tiles and vector file of buildings (+ optional masks), named
+  in the city's entry (:mod:`cadalign.sources.files`); the images are mapped to RGB uint8
+  here, once, so every later stage reads the same pixels.
 
 Usage::
 
@@ -32,10 +35,10 @@ import numpy as np
 from tqdm import tqdm
 
 from cadalign.atomic import atomic_path
-from cadalign.config import CityConfig, ConfigError, load_city, load_section
+from cadalign.config import CityConfig, ConfigError, FilesCityConfig, load_city, load_section
 from cadalign.geo.polygons import from_pixels, write_polygons
 from cadalign.geo.tiles import read_band
-from cadalign.sources import inria, synthetic
+from cadalign.sources import files, inria, synthetic
 from cadalign.sources.osm import OsmConfig, fetch_tile_buildings
 from cadalign.stages.common import make_parser, setup_logging
 from cadalign.tracking import stage_run
@@ -210,6 +213,14 @@ def fetch_inria(name: str, city: CityConfig, cfg: InriaSourceConfig, out_dir: Pa
     return counts
 
 
+def fetch_files(name: str, city: FilesCityConfig, cfg: files.FilesConfig, out_dir: Path) -> dict[str, int]:
+    """Write a city of one's own files into ``out_dir`` (atomically as a whole; see
+    :func:`cadalign.sources.files.write_city`). Returns its counts for the logs."""
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir()
+        return files.write_city(name, city, cfg, tmp, ID_STRIDE)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Command line entry point (see the module docstring)."""
     parser = make_parser("Fetch (or generate) one city's tiles and true polygons.")
@@ -226,6 +237,8 @@ def main(argv: list[str] | None = None) -> None:
                 f"use one of {', '.join(synthetic.STYLES)}"
             )
         cfg = load_section(args.params, "synthetic", SyntheticConfig)
+    elif city.source == "files":
+        cfg = load_section(args.params, "files", files.FilesConfig)
     else:
         check_inria_city(args.city)  # before anything is logged or read
         cfg = load_section(args.params, "inria", InriaSourceConfig)
@@ -233,6 +246,8 @@ def main(argv: list[str] | None = None) -> None:
     with stage_run(f"fetch@{args.city}", params) as run:
         if city.source == "synthetic":
             counts = {"tiles": len(fetch_synthetic(args.city, city, cfg, args.out))}
+        elif city.source == "files":
+            counts = fetch_files(args.city, city, cfg, args.out)
         else:
             counts = fetch_inria(args.city, city, cfg, args.out)
         run.log_metrics(counts)
