@@ -210,7 +210,7 @@ def test_bad_requests(server, dataset, tmp_path):
         fetch_city("austin", [5], cfg, tmp_path)
     with pytest.raises(FileNotFoundError, match="inria.root .*nowhere does not exist"):
         fetch_city("austin", [1], _cfg(server, dataset, tmp_path, root=str(tmp_path / "nowhere")), tmp_path)
-    with pytest.raises(InriaError, match="set inria.root .* or inria.download_dir"):
+    with pytest.raises(InriaError, match="set inria.root .* or download.inria.dir"):
         fetch_city("austin", [1], InriaConfig(), tmp_path)
     with pytest.raises(ValueError, match="zip_md5 'abc'"):
         InriaConfig(zip_md5="abc").validate()

@@ -115,13 +115,13 @@ def _params(tmp_path: Path, server: LocalServer, dataset: dict, cities: str, ext
     path.write_text(
         f"cities:\n{cities}\n"
         "synthetic:\n  size: 64\n  seed: 3\n"
+        "download:\n"
+        f"  inria:\n    base_url: {server.url('/aerial/')}\n    dir: {tmp_path / 'downloads'}\n"
+        "    retries: 1\n    backoff_s: 0.0\n    timeout_s: 10.0\n"
+        f"  overpass:\n    cache: {tmp_path / 'overpass'}\n    retries: 1\n    backoff_s: 0.0\n    timeout_s: 10\n"
         "inria:\n"
-        f"  base_url: {server.url('/aerial/')}\n"
-        f"  download_dir: {tmp_path / 'downloads'}\n"
         f"  zip_md5: {dataset['md5']}\n"
-        "  retries: 1\n  backoff_s: 0.0\n  timeout_s: 10.0\n"
         f"  osm:\n    endpoint: {server.url('/api/interpreter')}\n    date: '{DATE}'\n"
-        "    retries: 1\n    backoff_s: 0.0\n    timeout_s: 10\n"
         f"{extra}"
     )
     return path
@@ -213,8 +213,14 @@ def test_empty_osm_answer_over_buildings_fails_atomically(tmp_path, server, data
     out.mkdir()
     (out / "previous.txt").write_text("kept")
     params = _params(tmp_path, server, dataset, "  austin: {source: inria, tiles: [1]}")
-    with pytest.raises(OverpassError, match=r"austin1.tif: Overpass returned 0 buildings .* at least 1"):
+    message = (
+        r"^austin: tile austin1: Overpass returned 0 buildings .* at least 1; .* Retry later\. Its gt mask shows "
+        r"buildings and inria.require_osm_buildings is true; if OSM really lacks them, set "
+        r"inria.require_osm_buildings: false"
+    )
+    with pytest.raises(OverpassError, match=message) as err:
         _run(params, "austin", out)
+    assert str(tmp_path) not in str(err.value)  # no temporary path that is gone by now
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no half-written city
     assert [p.name for p in out.iterdir()] == ["previous.txt"]  # the previous output is untouched
     # The escape hatch for really unmapped areas; tile 3's mask is empty, so it never needs OSM buildings.

@@ -38,7 +38,7 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 
 SECTIONS = (
     "cities", "synthetic", "inria", "files", "noise", "train", "realign", "evaluate", "similarity", "draw", "rounds",
-    "toy",
+    "toy", "download",
 )
 """The top-level sections of params.yaml that some stage reads; any other name is refused as a
 typo. A new section is added here (tests/test_config.py checks this list against the stages)."""

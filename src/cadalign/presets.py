@@ -120,7 +120,7 @@ def load_all(params: Path) -> None:
     from cadalign.model import AlignNet
     from cadalign.stages.analyze import SimilarityConfig
     from cadalign.stages.draw import DrawConfig
-    from cadalign.stages.fetch import InriaSourceConfig, SyntheticConfig
+    from cadalign.stages.fetch import DownloadConfig, InriaSourceConfig, SyntheticConfig
     from cadalign.stages.initialize import initial_factors
     from cadalign.stages.misalign import NoiseConfig
     from cadalign.settings.realign import RealignStageConfig
@@ -130,6 +130,7 @@ def load_all(params: Path) -> None:
     sections = {
         "synthetic": SyntheticConfig,
         "inria": InriaSourceConfig,
+        "download": DownloadConfig,
         "files": FilesConfig,
         "noise": NoiseConfig,
         "train": TrainStageConfig,

@@ -275,9 +275,10 @@ def download(
         dest.unlink()
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
-    failures = 0
+    failures = attempts = 0
     while True:
         before = part.stat().st_size if part.exists() else 0
+        attempts += 1
         try:
             _attempt(url, part, timeout_s, chunk, hint)
             break
@@ -285,12 +286,15 @@ def download(
             message, retry_after = str(err), err.retry_after
         except _NETWORK_ERRORS as err:
             message, retry_after = f"{type(err).__name__}: {err}", None
-        progressed = (part.stat().st_size if part.exists() else 0) > before
-        failures = 1 if progressed else failures + 1
+        received = part.stat().st_size if part.exists() else 0
+        failures = 1 if received > before else failures + 1
         if failures > retries:
+            # Say what arrived: a failed attempt may still have brought most of the file.
             raise DownloadError(
-                f"{url}: giving up after {failures} attempts without progress; last error: {message}; "
-                f"the partial file {part} is kept, rerun to resume. {hint}".strip()
+                f"{url}: giving up after {attempts} attempt(s) ({retries} retries allowed after an attempt "
+                f"that brings nothing); {received} bytes received so far; last error: {message}"
+                + (f"; the partial file {part} is kept, rerun to resume" if received else "")
+                + f". {hint}".rstrip()
             )
         wait = backoff_delay(failures, backoff_s, retry_after)
         logger.warning("%s: %s; retry %d/%d in %.1f s", dest.name, message, failures, retries, wait)

@@ -19,6 +19,17 @@ boundaries, which py7zr does not retry, so the archive header is misread ("inval
 data"). Concatenating the volumes into one file would cost another ~20 GB of disk. So the
 volumes are read through :class:`ConcatReader`, an explicit list of files presented as one
 read-only raw stream, wrapped in ``io.BufferedReader`` (which retries short reads).
+
+Damaged volumes: each volume is checked as it arrives (its size against the server's
+``Content-Length``, see :func:`cadalign.sources.http.download`; the first also against the 7z
+start header's own CRC), and the archive's CRCs are checked while the zip is extracted into a
+temporary file that becomes the zip only when every check passed. No per-volume checksum is
+published, and the damage cannot be placed from the archive (the zip inside is incompressible,
+so 7z stores it in raw chunks that only the CRC at the end of the member covers). So a damaged
+archive is repaired by downloading the volumes again, once each, in order, and comparing: a
+volume that differs from its fresh copy was damaged here; it is replaced, named in the log, and
+the extraction retried. If every fresh copy equals the local one, the damage is on the server:
+the error says so, names the volumes and what to do.
 """
 
 from __future__ import annotations
@@ -26,10 +37,14 @@ from __future__ import annotations
 import io
 import json
 import logging
+import lzma
+import os
 import re
 import shutil
+import struct
 import tempfile
 import zipfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -37,6 +52,7 @@ from typing import BinaryIO
 
 import numpy as np
 import py7zr
+import py7zr.exceptions
 import rasterio.features
 import shapely
 import shapely.geometry
@@ -56,12 +72,25 @@ PARTS = tuple(f"aerialimagelabeling.7z.{i:03d}" for i in range(1, 6))
 ZIP_NAME = "NEW2-AerialImageDataset.zip"
 ZIP_MD5 = "4b1acfe84ae9961edc1a6049f940380f"
 DATASET_DIR = "AerialImageDataset"
+SEVEN_ZIP_MAGIC = b"7z\xbc\xaf\x27\x1c"
+# What a damaged archive raises in py7zr (the LZMA decoder's own error included).
+_ARCHIVE_ERRORS = (
+    lzma.LZMAError,
+    EOFError,
+    py7zr.exceptions.Bad7zFile,
+    py7zr.exceptions.CrcError,
+    py7zr.exceptions.DecompressionError,
+)
 
 _MD5_RE = re.compile(r"^[0-9a-f]{32}$")
 _MANUAL_HINT = (
     f"Register at {REGISTRATION_URL}, download the archive by hand, extract {ZIP_NAME} "
     "and set inria.root to the zip (or to the extracted AerialImageDataset folder)."
 )
+
+
+class _ArchiveDamage(Exception):
+    """Internal: the volumes fail the archive's own checks (message: py7zr's error)."""
 
 
 class InriaError(ValueError):
@@ -83,6 +112,9 @@ class InriaConfig:
         retries: download retries per volume (per stretch without progress).
         backoff_s: first wait between download retries, doubled each time.
         timeout_s: socket timeout per request.
+
+    In params.yaml, ``root`` and ``zip_md5`` are keys of the ``inria`` section (they say
+    which data); the others, which only say how to get it, are in ``download.inria``.
     """
 
     root: str = ""
@@ -212,19 +244,121 @@ def _read_stamp(stamp: Path) -> dict | None:
         return None
 
 
+def check_start_header(path: Path) -> str | None:
+    """Check the 7z signature header at the start of the first volume against its own CRC.
+
+    Args:
+        path: the first volume (or a whole .7z file).
+
+    Returns:
+        None if it is sound, else what is wrong.
+    """
+    with path.open("rb") as fh:
+        head = fh.read(32)
+    if len(head) < 32 or not head.startswith(SEVEN_ZIP_MAGIC):
+        return f"it does not start with the 7z signature (first bytes {head[:8]!r})"
+    (stored,) = struct.unpack("<I", head[8:12])
+    if zlib.crc32(head[12:32]) != stored:
+        return "the CRC of its 7z start header does not match"
+    return None
+
+
 def _extract_zip_from_volumes(volumes: list[Path], dest: Path) -> None:
-    """Extract :data:`ZIP_NAME` from the split 7z ``volumes`` into ``dest`` (atomic rename)."""
-    with ConcatReader(volumes) as raw, py7zr.SevenZipFile(io.BufferedReader(raw), "r") as archive:
-        names = [check_member_name(n, volumes[0]) for n in archive.getnames()]
-        matches = [n for n in names if PurePosixPath(n).name == ZIP_NAME]
-        if not matches:
+    """Extract :data:`ZIP_NAME` from the split 7z ``volumes`` into ``dest`` (atomic rename).
+
+    Raises:
+        _ArchiveDamage: the archive fails py7zr's checks (a decoder error, a CRC mismatch, a bad
+            header); nothing is left at ``dest``.
+    """
+    with ConcatReader(volumes) as raw:
+        try:
+            with py7zr.SevenZipFile(io.BufferedReader(raw), "r") as archive:
+                names = [check_member_name(n, volumes[0]) for n in archive.getnames()]
+                matches = [n for n in names if PurePosixPath(n).name == ZIP_NAME]
+                if not matches:
+                    raise InriaError(
+                        f"{volumes[0]}: no {ZIP_NAME} in the archive (members: {names[:10]}). {_MANUAL_HINT}"
+                    )
+                with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".extract-") as tmp:
+                    logger.info("extracting %s from %d volumes", matches[0], len(volumes))
+                    archive.extract(path=tmp, targets=[matches[0]])
+                    Path(tmp, matches[0]).replace(dest)
+        except _ARCHIVE_ERRORS as err:
+            raise _ArchiveDamage(f"{type(err).__name__}: {err}") from err
+
+
+def _redownload_differs(volume: Path, cfg: InriaConfig) -> bool:
+    """Download ``volume`` again beside it; replace it if the fresh copy differs. True if it did."""
+    fresh = volume.with_name(volume.name + ".again")
+    fresh.unlink(missing_ok=True)
+    logger.warning("%s: downloading it again to compare", volume)
+    _get(cfg, volume.name, fresh)
+    if file_md5(fresh) == file_md5(volume):
+        fresh.unlink()
+        return False
+    os.replace(fresh, volume)
+    logger.warning("%s differed from a fresh download: it was damaged and has been replaced", volume)
+    return True
+
+
+def _get(cfg: InriaConfig, name: str, dest: Path) -> Path:
+    return download(
+        cfg.base_url + name,
+        dest,
+        md5=None,  # no per-volume checksum is published; 7z CRCs and the zip md5 cover them
+        retries=cfg.retries,
+        backoff_s=cfg.backoff_s,
+        timeout_s=cfg.timeout_s,
+        hint=_MANUAL_HINT,
+    )
+
+
+def _download_volume(cfg: InriaConfig, ddir: Path, name: str, first: bool) -> Path:
+    """Download one volume (size checked by :func:`download`); the first is checked against its
+    7z start header at once and, if damaged, deleted and downloaded once more."""
+    path = _get(cfg, name, ddir / name)
+    if not first:
+        return path
+    problem = check_start_header(path)
+    if problem is not None:
+        logger.warning("%s: %s; deleting it and downloading it again", path, problem)
+        path.unlink()
+        problem = check_start_header(_get(cfg, name, path))
+        if problem is not None:
+            path.unlink()
             raise InriaError(
-                f"{volumes[0]}: no {ZIP_NAME} in the archive (members: {names[:10]}). {_MANUAL_HINT}"
+                f"{path}: {problem}, twice in a row (deleted): {cfg.base_url + name} does not serve "
+                f"the 7z archive; check download.inria.base_url and download.inria.parts. {_MANUAL_HINT}"
             )
-        with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".extract-") as tmp:
-            logger.info("extracting %s from %d volumes", matches[0], len(volumes))
-            archive.extract(path=tmp, targets=[matches[0]])
-            Path(tmp, matches[0]).replace(dest)
+    return path
+
+
+def _extract_checked(volumes: list[Path], zip_path: Path, cfg: InriaConfig) -> None:
+    """Extract the zip; on damage download the volumes again once each, in order, replacing one
+    that differs and retrying at once; raise naming the volumes if the damage stays."""
+    todo = list(volumes)
+    replaced: list[str] = []
+    while True:
+        try:
+            _extract_zip_from_volumes(volumes, zip_path)
+            return
+        except _ArchiveDamage as err:
+            damage = err
+        logger.warning("%s: the 7z archive fails its checks (%s)", volumes[0].parent, damage)
+        while todo:
+            volume = todo.pop(0)
+            if _redownload_differs(volume, cfg):
+                replaced.append(volume.name)
+                break
+        else:
+            names = ", ".join(v.name for v in volumes)
+            done = f"; {', '.join(replaced)} differed and were replaced" if replaced else ""
+            raise InriaError(
+                f"{volumes[0].parent}: the 7z archive is damaged ({damage}). Each volume ({names}) was "
+                f"downloaded again once{done}, and the copies here now equal those on {cfg.base_url}: "
+                f"the damage is in the server's copy (or it changed). Delete the volumes to try again "
+                f"later. {_MANUAL_HINT}"
+            )
 
 
 def locate_dataset(cfg: InriaConfig) -> Path:
@@ -259,26 +393,15 @@ def locate_dataset(cfg: InriaConfig) -> Path:
         raise FileNotFoundError(f"inria.root {root} does not exist; fix the path or set it to '' to download")
     if not cfg.download_dir:
         raise InriaError(
-            f"set inria.root (existing data) or inria.download_dir (to download). {_MANUAL_HINT}"
+            f"set inria.root (existing data) or download.inria.dir (to download). {_MANUAL_HINT}"
         )
     ddir = Path(cfg.download_dir)
     zip_path = ddir / ZIP_NAME
     if zip_path.is_file():
         _verify_zip(zip_path, cfg.zip_md5, delete_bad=True)
         return zip_path
-    volumes = [
-        download(
-            cfg.base_url + name,
-            ddir / name,
-            md5=None,  # no per-volume checksum is published; 7z CRCs and the zip md5 cover them
-            retries=cfg.retries,
-            backoff_s=cfg.backoff_s,
-            timeout_s=cfg.timeout_s,
-            hint=_MANUAL_HINT,
-        )
-        for name in cfg.parts
-    ]
-    _extract_zip_from_volumes(volumes, zip_path)
+    volumes = [_download_volume(cfg, ddir, name, first=k == 0) for k, name in enumerate(cfg.parts)]
+    _extract_checked(volumes, zip_path, cfg)
     _verify_zip(zip_path, cfg.zip_md5, delete_bad=True)
     return zip_path
 

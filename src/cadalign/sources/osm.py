@@ -14,12 +14,18 @@ timeout, out of memory) raises :class:`OverpassError` even when elements came ba
 they may be partial, and is never read as "no buildings"; a body that is not JSON raises
 naming the endpoint; fewer buildings than ``min_expected_buildings`` raises.
 
+Answers are cached on disk (``cache_dir``), one file per query: the key is the endpoint and
+the query text without its ``[timeout:]`` (so the tile's box and the snapshot date), so a
+rerun after a failure sends only the queries not answered yet, and another city or study
+over the same tile reuses them. Only answers that passed every check are stored, atomically.
+
 HTTP uses the stdlib (:mod:`cadalign.sources.http`): the well-kept clients (overpy, osmnx)
 are not installed here, and one POST with retries needs nothing more.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -41,6 +47,7 @@ from rasterio.errors import CRSError
 from rasterio.transform import array_bounds
 from rasterio.warp import transform_bounds
 
+from cadalign.atomic import atomic_path
 from cadalign.geo.polygons import geometry_array, write_polygons
 from cadalign.geo.tiles import read_info
 from cadalign.sources.http import request_bytes
@@ -74,6 +81,11 @@ class OsmConfig:
         min_expected_buildings: fewer buildings than this is an error (e.g. 1 when the
             tile's gt mask shows buildings); 0 accepts an empty answer.
         densify_pts: points per tile edge when projecting the bbox to WGS84.
+        cache_dir: folder of cached answers, shared by every tile and city ("" = no cache).
+
+    In params.yaml, ``endpoint``, ``date``, ``min_expected_buildings`` and ``densify_pts``
+    are keys of ``inria.osm`` (they decide the buildings); ``timeout_s``, ``retries``,
+    ``backoff_s`` and ``cache_dir`` (as ``cache``) of ``download.overpass``.
     """
 
     endpoint: str = "https://overpass-api.de/api/interpreter"
@@ -83,6 +95,7 @@ class OsmConfig:
     backoff_s: float = 30.0  # public Overpass rate-limits per IP; short waits just get 429 again
     min_expected_buildings: int = 0
     densify_pts: int = 21
+    cache_dir: str = ""
 
     def validate(self) -> None:
         """Raise ValueError on an unusable setting."""
@@ -185,7 +198,7 @@ def _check_remark(answer: dict[str, Any], source: str) -> None:
         raise OverpassError(
             f"{source}: query failed on the server ({remark.strip()}); {len(answer.get('elements', []))} "
             "elements came back and may be partial, so nothing is written. Retry later or raise "
-            "osm.timeout_s."
+            "download.overpass.timeout_s."
         )
     if remark:
         logger.warning("%s: remark in answer: %s", source, remark)
@@ -253,24 +266,38 @@ def parse_overpass(
     """
     _check_remark(answer, source)
     out = []
-    skipped = 0
+    not_closed = no_coords = 0
     for element in answer.get("elements", []):
         kind = element.get("type")
         geom = None
         if kind == "way":
             coords = _coords(element.get("geometry"))
-            if coords is not None and len(coords) >= 4 and coords[0] == coords[-1]:
+            if coords is None:
+                no_coords += 1
+                continue
+            if len(coords) >= 4 and coords[0] == coords[-1]:
                 geom = _polygonal(shapely.Polygon(coords))
         elif kind == "relation":
+            members = [m for m in element.get("members", []) if m.get("type") == "way"]
+            if members and all(_coords(m.get("geometry")) is None for m in members):
+                no_coords += 1
+                continue
             geom = _relation_geometry(element.get("members", []))
         else:
             continue
         if geom is None:
-            skipped += 1
+            not_closed += 1
             continue
         out.append((kind, int(element["id"]), geom))
-    if skipped:
-        logger.info("skipped %d OSM elements that are not closed polygons", skipped)
+    if not_closed:
+        logger.info("%s: skipped %d OSM elements that are not closed polygons", source, not_closed)
+    if no_coords:
+        logger.warning(
+            "%s: skipped %d OSM elements without inline coordinates (their nodes are missing from the "
+            "answer; closed or not, their shape is unknown)",
+            source,
+            no_coords,
+        )
     return sorted(out, key=lambda t: (_TYPE_CODE[t[0]], t[1]))
 
 
@@ -287,10 +314,50 @@ def building_ids(osm_types: list[str], osm_ids: list[int]) -> np.ndarray:
     return np.array([2 * i + _TYPE_CODE[t] for t, i in zip(osm_types, osm_ids, strict=True)], dtype=np.int64)
 
 
+def cache_key(endpoint: str, bbox: Bbox, date: str) -> str:
+    """Name of the cached answer to a tile's query: sha256 of the endpoint and the query text
+    without its server-side timeout (which changes how long the server tries, not the answer).
+
+    Args:
+        endpoint: the Overpass URL.
+        bbox: the query box (west, south, east, north) in degrees.
+        date: the snapshot date.
+
+    Returns:
+        64 hex digits.
+    """
+    return hashlib.sha256(f"{endpoint}\n{build_query(bbox, date, 0)}".encode()).hexdigest()
+
+
+def _from_cache(path: Path, needed: int, name: str) -> list[tuple[str, int, shapely.Geometry]] | None:
+    """The buildings of a cached answer, or None (and the file removed) if it is unusable now."""
+    try:
+        buildings = parse_overpass(check_answer(path.read_bytes(), str(path)), str(path))
+    except (OSError, OverpassError) as err:
+        logger.warning("%s: ignoring the cached answer %s (%s); asking the server again", name, path, err)
+        path.unlink(missing_ok=True)
+        return None
+    if len(buildings) < needed:
+        logger.warning(
+            "%s: the cached answer %s has %d buildings, fewer than the %d now required; asking the server again",
+            name, path, len(buildings), needed,
+        )
+        path.unlink()
+        return None
+    logger.info("%s: %d buildings from the cached answer %s", name, len(buildings), path)
+    return buildings
+
+
 def fetch_tile_buildings(
-    tile_path: Path, cfg: OsmConfig, out_path: Path, min_expected: int | None = None
+    tile_path: Path,
+    cfg: OsmConfig,
+    out_path: Path,
+    min_expected: int | None = None,
+    *,
+    name: str | None = None,
+    advice: str = "If the area is really unmapped, lower inria.osm.min_expected_buildings.",
 ) -> int:
-    """Download the OSM buildings over one tile and write them as a GeoPackage.
+    """Download the OSM buildings over one tile (or take them from the cache) and write them.
 
     Args:
         tile_path: GeoTIFF whose own CRS and extent give the query box.
@@ -299,6 +366,10 @@ def fetch_tile_buildings(
             atomically.
         min_expected: overrides ``cfg.min_expected_buildings`` (e.g. 1 when the tile's
             building mask is not empty).
+        name: the tile as messages name it (default: ``tile_path``); give it when
+            ``tile_path`` is a temporary file.
+        advice: the sentence that ends the message when too few buildings come back: what to
+            change (name the setting that asked for them).
 
     Returns:
         The number of buildings written.
@@ -309,27 +380,34 @@ def fetch_tile_buildings(
         cadalign.sources.http.DownloadError: HTTP failure after retries.
         OverpassError: error remark, malformed answer, or fewer buildings than expected.
     """
+    name = str(tile_path) if name is None else name
     info = read_info(tile_path)
     bbox = tile_bbox_wgs84(
-        info.crs, info.transform, info.width, info.height, tile=str(tile_path), densify_pts=cfg.densify_pts
+        info.crs, info.transform, info.width, info.height, tile=name, densify_pts=cfg.densify_pts
     )
-    query = build_query(bbox, cfg.date, cfg.timeout_s)
-    request = urllib.request.Request(
-        cfg.endpoint,
-        data=urllib.parse.urlencode({"data": query}).encode(),
-        headers={"User-Agent": USER_AGENT},
-        method="POST",
-    )
-    logger.info("%s: querying %s for buildings in %s at %s", tile_path.name, cfg.endpoint, bbox, cfg.date)
-    body = request_bytes(request, retries=cfg.retries, backoff_s=cfg.backoff_s, timeout_s=cfg.timeout_s + 30)
-    buildings = parse_overpass(check_answer(body, cfg.endpoint), cfg.endpoint)
     needed = cfg.min_expected_buildings if min_expected is None else min_expected
-    if len(buildings) < needed:
-        raise OverpassError(
-            f"{tile_path}: Overpass returned {len(buildings)} buildings for bbox {bbox} at {cfg.date}, "
-            f"expected at least {needed}; the answer may be cut short or OSM lacks this area. "
-            "Retry later; if the area is really unmapped, lower osm.min_expected_buildings."
+    cached = Path(cfg.cache_dir) / f"{cache_key(cfg.endpoint, bbox, cfg.date)}.json" if cfg.cache_dir else None
+    buildings = _from_cache(cached, needed, name) if cached is not None and cached.is_file() else None
+    if buildings is None:
+        query = build_query(bbox, cfg.date, cfg.timeout_s)
+        request = urllib.request.Request(
+            cfg.endpoint,
+            data=urllib.parse.urlencode({"data": query}).encode(),
+            headers={"User-Agent": USER_AGENT},
+            method="POST",
         )
+        logger.info("%s: querying %s for buildings in %s at %s", name, cfg.endpoint, bbox, cfg.date)
+        body = request_bytes(request, retries=cfg.retries, backoff_s=cfg.backoff_s, timeout_s=cfg.timeout_s + 30)
+        buildings = parse_overpass(check_answer(body, cfg.endpoint), cfg.endpoint)
+        if len(buildings) < needed:
+            raise OverpassError(
+                f"{name}: Overpass returned {len(buildings)} buildings for bbox {bbox} at {cfg.date}, "
+                f"expected at least {needed}; the answer may be cut short or OSM lacks this area. "
+                f"Retry later. {advice}"
+            )
+        if cached is not None:
+            with atomic_path(cached) as tmp:
+                tmp.write_bytes(body)
     types = [t for t, _, _ in buildings]
     ids = [i for _, i, _ in buildings]
     write_polygons(
@@ -339,5 +417,5 @@ def fetch_tile_buildings(
         "EPSG:4326",
         columns={"osm_type": np.array(types, dtype=object), "osm_id": np.array(ids, dtype=np.int64)},
     )
-    logger.info("%s: %d buildings -> %s", tile_path.name, len(buildings), out_path)
+    logger.info("%s: %d buildings -> %s", name, len(buildings), out_path)
     return len(buildings)

@@ -67,15 +67,32 @@ class SyntheticConfig:
 
 
 @dataclass(frozen=True)
-class InriaSourceConfig(inria.InriaConfig):
-    """The ``inria`` section of params.yaml: the dataset settings plus what the stage adds.
+class OsmSourceConfig:
+    """``inria.osm``: which OSM buildings a tile gets (see :class:`cadalign.sources.osm.OsmConfig`)."""
 
-    Inherits every key of :class:`cadalign.sources.inria.InriaConfig` (``root``,
-    ``base_url``, ``download_dir``, ...), so the whole configuration of an Inria city lives
-    in one section (dvc.yaml tracks the section named by the city's source).
+    endpoint: str = OsmConfig.endpoint
+    date: str = OsmConfig.date
+    min_expected_buildings: int = 0
+    densify_pts: int = OsmConfig.densify_pts
+
+    def validate(self) -> None:
+        """Raise ValueError on an unusable setting."""
+        OsmConfig(**dataclasses.asdict(self)).validate()
+
+
+@dataclass(frozen=True)
+class InriaSourceConfig:
+    """The ``inria`` section of params.yaml: the keys that decide an Inria city's data.
+
+    dvc.yaml tracks the section named by the city's source, so a change here refetches the
+    Inria cities; how the data is downloaded (folders, retries, timeouts) is in the
+    ``download`` section (:class:`DownloadConfig`), which is no DVC param.
 
     Attributes:
-        osm: Overpass settings for the OSM buildings of each tile (``inria.osm.*``).
+        root: an extracted ``AerialImageDataset`` folder (or its parent) or the
+            ``NEW2-AerialImageDataset.zip`` already at hand; "" downloads the archive.
+        zip_md5: expected md5 of the zip (:data:`cadalign.sources.inria.ZIP_MD5`).
+        osm: which OSM buildings each tile gets (``inria.osm.*``).
         simplify_px: Douglas-Peucker tolerance (px) when vectorising the gt masks into the
             true polygons; 0 keeps the pixel staircase.
         require_osm_buildings: a tile whose gt mask shows buildings must get at least one
@@ -83,15 +100,81 @@ class InriaSourceConfig(inria.InriaConfig):
             an unmapped area. Set false to accept such tiles (their ``osm/`` file is empty).
     """
 
-    osm: OsmConfig = field(default_factory=OsmConfig)
+    root: str = ""
+    zip_md5: str = inria.ZIP_MD5
+    osm: OsmSourceConfig = field(default_factory=OsmSourceConfig)
     simplify_px: float = 1.0  # about the gt's own edge noise; removes the staircase vertices
     require_osm_buildings: bool = True
 
     def validate(self) -> None:
         """Raise ValueError on an unusable setting."""
-        super().validate()
+        inria.InriaConfig(zip_md5=self.zip_md5).validate()
         if not self.simplify_px >= 0:
             raise ValueError(f"simplify_px = {self.simplify_px}; set inria.simplify_px >= 0 (px)")
+
+
+@dataclass(frozen=True)
+class InriaDownload:
+    """``download.inria``: where the Inria volumes come from and are kept, and how hard to try."""
+
+    dir: str = ""  # the volumes and the zip (~40 GB); "" with inria.root "" is an error
+    base_url: str = inria.BASE_URL
+    parts: tuple[str, ...] = inria.PARTS
+    retries: int = 5
+    backoff_s: float = 5.0
+    timeout_s: float = 120.0  # a slow mirror can stall for a while between chunks
+
+    def validate(self) -> None:
+        """Raise ValueError on an unusable setting."""
+        inria.InriaConfig(**{k: v for k, v in dataclasses.asdict(self).items() if k != "dir"}).validate()
+
+
+@dataclass(frozen=True)
+class OverpassDownload:
+    """``download.overpass``: where Overpass answers are cached, and how hard to try."""
+
+    cache: str = ""  # one file per tile query and snapshot date, shared by cities; "" = no cache
+    retries: int = OsmConfig.retries
+    backoff_s: float = OsmConfig.backoff_s
+    timeout_s: int = OsmConfig.timeout_s
+
+    def validate(self) -> None:
+        """Raise ValueError on an unusable setting."""
+        OsmConfig(retries=self.retries, backoff_s=self.backoff_s, timeout_s=self.timeout_s).validate()
+
+
+@dataclass(frozen=True)
+class DownloadConfig:
+    """The ``download`` section: how real data is downloaded, never what it is.
+
+    None of it is a DVC param of the fetch stage, so changing a folder, a retry count or a
+    timeout refetches nothing; the keys that change the data are in the source's section.
+    """
+
+    inria: InriaDownload = field(default_factory=InriaDownload)
+    overpass: OverpassDownload = field(default_factory=OverpassDownload)
+
+
+def source_configs(cfg: InriaSourceConfig, dl: DownloadConfig) -> tuple[inria.InriaConfig, OsmConfig]:
+    """The Inria and Overpass settings of the sources, from the ``inria`` and ``download`` sections."""
+    archive = inria.InriaConfig(
+        root=cfg.root,
+        base_url=dl.inria.base_url,
+        download_dir=dl.inria.dir,
+        zip_md5=cfg.zip_md5,
+        parts=dl.inria.parts,
+        retries=dl.inria.retries,
+        backoff_s=dl.inria.backoff_s,
+        timeout_s=dl.inria.timeout_s,
+    )
+    osm = OsmConfig(
+        **dataclasses.asdict(cfg.osm),
+        timeout_s=dl.overpass.timeout_s,
+        retries=dl.overpass.retries,
+        backoff_s=dl.overpass.backoff_s,
+        cache_dir=dl.overpass.cache,
+    )
+    return archive, osm
 
 
 def fetch_synthetic(name: str, city: CityConfig, cfg: SyntheticConfig, out_dir: Path) -> list[Path]:
@@ -169,18 +252,23 @@ def vectorize_truth(gt_path: Path, out_path: Path, number: int, simplify_px: flo
     return len(geoms), bool((mask == 255).any())
 
 
-def fetch_inria(name: str, city: CityConfig, cfg: InriaSourceConfig, out_dir: Path) -> dict[str, int]:
+def fetch_inria(
+    name: str, city: CityConfig, cfg: InriaSourceConfig, out_dir: Path, download: DownloadConfig | None = None
+) -> dict[str, int]:
     """Fetch one Inria training city into ``out_dir`` (written atomically as a whole).
 
     Copies the tiles' images and gt masks out of the dataset (see
     :func:`cadalign.sources.inria.fetch_city`), vectorises each mask into the true polygons
-    and downloads each tile's OSM buildings.
+    and gets each tile's OSM buildings. What is slow to get is kept outside ``out_dir`` one
+    piece at a time (the verified volumes and zip, each tile's Overpass answer), so a rerun
+    after a failure on tile k redoes only the local copying and asks Overpass from tile k on.
 
     Args:
         name: the Inria city (a training city).
         city: its entry of ``cities:`` (tiles).
         cfg: the ``inria`` section.
         out_dir: the city folder to (re)create.
+        download: the ``download`` section (default: its defaults).
 
     Returns:
         Counts for the logs: tiles, true buildings, OSM buildings.
@@ -192,20 +280,27 @@ def fetch_inria(name: str, city: CityConfig, cfg: InriaSourceConfig, out_dir: Pa
         cadalign.sources.osm.OverpassError: Overpass answered with an error or too few buildings.
     """
     check_inria_city(name)
+    archive, osm = source_configs(cfg, download or DownloadConfig())
     counts = {"tiles": len(city.tiles), "buildings": 0, "osm_buildings": 0}
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
-        inria.fetch_city(name, list(city.tiles), cfg, tmp)
+        inria.fetch_city(name, list(city.tiles), archive, tmp)
         for n in tqdm(city.tiles, desc=f"{name}: truth and OSM", unit="tile", disable=len(city.tiles) < 2):
             tile = f"{name}{n}"
             n_true, has_buildings = vectorize_truth(
                 tmp / "gt" / f"{tile}.tif", tmp / "polygons" / f"{tile}.gpkg", n, cfg.simplify_px
             )
-            needed = None  # None: cfg.osm.min_expected_buildings applies
+            needed = None  # None: inria.osm.min_expected_buildings applies
+            advice = "If the area is really unmapped, lower inria.osm.min_expected_buildings."
             if has_buildings and cfg.require_osm_buildings:
                 needed = max(1, cfg.osm.min_expected_buildings)
+                advice = (
+                    "Its gt mask shows buildings and inria.require_osm_buildings is true; if OSM really "
+                    "lacks them, set inria.require_osm_buildings: false (the tile's osm/ file is then empty)."
+                )
             n_osm = fetch_tile_buildings(
-                tmp / "images" / f"{tile}.tif", cfg.osm, tmp / "osm" / f"{tile}.gpkg", needed
+                tmp / "images" / f"{tile}.tif", osm, tmp / "osm" / f"{tile}.gpkg", needed,
+                name=f"{name}: tile {tile}", advice=advice,
             )
             logger.info("%s: %d true polygons from the mask, %d OSM buildings", tile, n_true, n_osm)
             counts["buildings"] += n_true
@@ -242,6 +337,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         check_inria_city(args.city)  # before anything is logged or read
         cfg = load_section(args.params, "inria", InriaSourceConfig)
+        download = load_section(args.params, "download", DownloadConfig)  # no DVC param: how, not what
     params = {"city": args.city, **dataclasses.asdict(city), city.source: dataclasses.asdict(cfg)}
     with stage_run(f"fetch@{args.city}", params) as run:
         if city.source == "synthetic":
@@ -249,7 +345,7 @@ def main(argv: list[str] | None = None) -> None:
         elif city.source == "files":
             counts = fetch_files(args.city, city, cfg, args.out)
         else:
-            counts = fetch_inria(args.city, city, cfg, args.out)
+            counts = fetch_inria(args.city, city, cfg, args.out, download)
         run.log_metrics(counts)
     logger.info("%s: %s in %s", args.city, counts, args.out)
 
