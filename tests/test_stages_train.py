@@ -31,22 +31,81 @@ def test_train_writes_one_network_per_factor_and_a_loss_log(train_study: dict[st
     assert all(np.isfinite(float(r.split(",")[3])) for r in rows[1:])
 
 
+def _log_rows(log: Path) -> list[list[str]]:
+    """The training log's rows without the patch rate (a timing)."""
+    return [row.split(",")[:-1] for row in log.read_text().splitlines()]
+
+
 def test_rerun_resumes_from_checkpoints(train_study: dict[str, Path], caplog: pytest.LogCaptureFixture) -> None:
     run_train(train_study)
     first = torch.load(train_study["models"] / "ds1.pt", weights_only=True)["model"]
+    log = train_study["log"].read_text()
     with caplog.at_level(logging.INFO):
         run_train(train_study)  # e.g. DVC reran the stage: finished checkpoints are reused
     assert caplog.text.count("resuming from") == 2
     second = torch.load(train_study["models"] / "ds1.pt", weights_only=True)["model"]
     assert all(torch.equal(first[k], second[k]) for k in first)
+    assert train_study["log"].read_text() == log  # rebuilt from the checkpoints, rates included
+
+
+class _Killed(Exception):
+    """Stands in for a kill in the middle of a network's training."""
+
+
+def test_a_killed_stage_reruns_to_the_models_and_log_of_an_uninterrupted_one(
+    train_study: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed at step 3 of the second network (after its step-2 checkpoint), the rerun resumes
+    the exact sampler's stream: the same model bytes and the same log rows as a run never killed."""
+    whole = {**train_study, "models": tmp_path / "whole" / "models", "ckpt": tmp_path / "whole" / "ckpt",
+             "log": tmp_path / "whole" / "log.csv"}
+    run_train(whole)
+    real_train = train.train
+
+    def killed_at_ds1_step3(*args, **kwargs):
+        on_log = kwargs["on_log"]
+
+        def dying(step: int, stats: dict[str, float]) -> None:
+            on_log(step, stats)
+            if args[4].name == "ds1.ckpt" and step == 3:
+                raise _Killed
+
+        return real_train(*args, **{**kwargs, "on_log": dying})
+
+    monkeypatch.setattr(train, "train", killed_at_ds1_step3)
+    with pytest.raises(_Killed):
+        run_train(train_study)
+    monkeypatch.setattr(train, "train", real_train)
+    assert not train_study["log"].exists() and not train_study["models"].exists()
+    run_train(train_study)
+    for ds in (1, 2):
+        assert (train_study["models"] / f"ds{ds}.pt").read_bytes() == (whole["models"] / f"ds{ds}.pt").read_bytes()
+    assert _log_rows(train_study["log"]) == _log_rows(whole["log"])
+    assert [r[2] for r in _log_rows(whole["log"])[1:]] == ["1", "2", "3", "4"] * 2
+
+
+def test_cosmetic_settings_keep_the_checkpoints(train_study: dict[str, Path], caplog: pytest.LogCaptureFixture) -> None:
+    """log_every, checkpoint_every and prefetch change no weight: a checkpoint made with other
+    values is resumed (the lr test below shows a key that counts)."""
+    run_train(train_study)
+    text = train_study["params"].read_text()
+    train_study["params"].write_text(
+        text.replace("checkpoint_every: 2, log_every: 1,", "checkpoint_every: 3, log_every: 2, prefetch: false,")
+    )
+    with caplog.at_level(logging.INFO):
+        run_train(train_study)
+    assert caplog.text.count("resuming from") == 2 and "was made for other labels or settings" not in caplog.text
 
 
 def test_checkpoint_of_other_settings_is_discarded(train_study: dict[str, Path], caplog: pytest.LogCaptureFixture) -> None:
     run_train(train_study)
     train_study["params"].write_text(train_study["params"].read_text().replace("lr: 0.001", "lr: 0.002"))
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.INFO):
         run_train(train_study)
-    assert caplog.text.count("was made for other labels or settings") == 2
+    assert caplog.text.count("was made for other labels or settings") == 2 and "resuming from" not in caplog.text
+    assert sorted(p.name for p in train_study["ckpt"].iterdir()) == [
+        "ds1.ckpt", "ds1.ckpt.prev", "ds1.fingerprint", "ds2.ckpt", "ds2.ckpt.prev", "ds2.fingerprint"
+    ]
 
 
 def test_empty_and_missing_labels(train_study: dict[str, Path]) -> None:
@@ -111,13 +170,13 @@ def test_round_factors_set_the_networks_of_named_rounds(warm: dict[str, Path]) -
     text += "rounds: {round1: round0, round2: round1, round3: round2}\n"
     warm["params"].write_text(text)
     run_train(warm, init=warm["init"], round_name="round2")
-    assert sorted(f.name for f in warm["models"].iterdir()) == ["ds1.pt"]
+    assert sorted(f.name for f in warm["models"].glob("ds*.pt")) == ["ds1.pt"]
     rows = [r.split(",") for r in warm["log"].read_text().splitlines()[1:]]
     assert {(r[0], r[1]) for r in rows} == {("round2", "1")}
     # warm-started from the previous round's ds-1 network, as without round_factors
     assert max_weight_diff(load_model(warm["models"] / "ds1.pt"), load_model(warm["init"] / "ds1.pt")) < 1e-9
     run_train(warm, init=warm["init"], round_name="round3")  # a round not named trains train.factors
-    assert sorted(f.name for f in warm["models"].iterdir()) == ["ds1.pt", "ds2.pt"]
+    assert sorted(f.name for f in warm["models"].glob("ds*.pt")) == ["ds1.pt", "ds2.pt"]
     warm["params"].write_text(text.replace("{round2: [1]}", "{Round2: [1]}"))  # a typo would train train.factors
     with pytest.raises(ConfigError, match=r"train.round_factors.Round2 names no round of 'rounds' \(round1, round2, round3\)"):
         run_train(warm, init=warm["init"], round_name="round2")
@@ -130,9 +189,9 @@ def test_round_factors_of_the_first_round_start_from_the_initialize_stage(warm: 
     text = warm["params"].read_text().replace("  warm_start: true\n", "  warm_start: true\n  grow: true\n  round_factors: {round1: [1]}\n")
     warm["params"].write_text(text + "rounds: {round1: round0, round2: round1}\n")
     initialize.main(["--params", str(warm["params"]), "--out", str(warm["init"])])
-    assert sorted(f.name for f in warm["init"].iterdir()) == ["ds1.pt"]  # round 1's coarsest (and only) factor
+    assert sorted(f.name for f in warm["init"].glob("ds*.pt")) == ["ds1.pt"]  # round 1's coarsest (and only) factor
     run_train(warm, init=warm["init"])
-    assert sorted(f.name for f in warm["models"].iterdir()) == ["ds1.pt"]
+    assert sorted(f.name for f in warm["models"].glob("ds*.pt")) == ["ds1.pt"]
     assert max_weight_diff(load_model(warm["models"] / "ds1.pt"), load_model(warm["init"] / "ds1.pt")) < 1e-9
 
 
@@ -216,7 +275,7 @@ def test_device_sampler_trains_every_network_deterministically(train_study: dict
     train_study["params"].write_text(text.replace("patches: {keep_prob: 1.0}", "patches: {keep_prob: 1.0, sampler: device}"))
     assert load_section(train_study["params"], "train", train.TrainStageConfig).patches.sampler == "device"
     run_train(train_study)
-    first = {f.name: torch.load(f, weights_only=True)["model"] for f in sorted(train_study["models"].iterdir())}
+    first = {f.name: torch.load(f, weights_only=True)["model"] for f in sorted(train_study["models"].glob("ds*.pt"))}
     assert sorted(first) == ["ds1.pt", "ds2.pt"]
     for path in [*train_study["ckpt"].iterdir(), *train_study["models"].iterdir()]:
         path.unlink()

@@ -85,7 +85,7 @@ def test_train_writes_unwrapped_checkpoint_and_model(tmp_path: Path) -> None:
         on_log=lambda step, terms: logged.append((step, terms)),
     )
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
-    assert set(ckpt) == {"model", "optimizer", "scaler", "step", "rng", "config"}
+    assert set(ckpt) == {"model", "optimizer", "scaler", "step", "rng", "config", "log"}
     assert ckpt["step"] == 6 and ckpt["scaler"] is None
     assert set(ckpt["rng"]) == {"torch", "cuda", "numpy", "python"}
     assert set(ckpt["config"]) == {"model", "loss", "train"}
@@ -97,6 +97,7 @@ def test_train_writes_unwrapped_checkpoint_and_model(tmp_path: Path) -> None:
     assert {"loss", "disp", "seg", "lr", "patches_per_s"} <= set(logged[0][1])
     assert logged[0][1]["lr"] == FAST.lr
     assert stats["steps"] == 6 and stats["start_step"] == 0 and stats["world_size"] == 1
+    assert ckpt["log"] == stats["log"] == logged  # every row logged, kept for a rerun's log
     assert stats["patches_per_s"] > 0
 
 

@@ -34,6 +34,7 @@ Determinism: sample ``k`` of data-loader worker ``w`` on DDP rank ``r`` is drawn
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from collections.abc import Iterator, Sequence
@@ -493,7 +494,7 @@ class PatchDataset(IterableDataset):
 
     Sample ``k`` of worker ``w`` uses ``SeedSequence([cfg.seed, stream, rank, w, k])``;
     every worker and rank draws its own independent stream. Use ``stream`` to get a fresh
-    sequence (e.g. the step a resumed run starts from) instead of repeating the first one.
+    sequence instead of repeating the first one; :meth:`resumed` continues a stream instead.
 
     Args:
         tiles: full-resolution tiles with their current labels.
@@ -509,6 +510,21 @@ class PatchDataset(IterableDataset):
         self.sampler = PatchSampler(tiles, cfg)
         self.rank = rank
         self.stream = stream
+        self.start_step, self.batch_size = 0, 1
+
+    def resumed(self, step: int, batch_size: int) -> PatchDataset:
+        """This stream as a ``DataLoader(batch_size=batch_size)`` restarted at ``step`` yields it.
+
+        The loader hands out batches round robin over its workers from worker 0 (``in_order``,
+        the default): step ``t`` is batch ``t // W`` of worker ``t % W``. The restarted loader's
+        worker ``p`` so plays worker ``(p + step) % W`` from sample ``((step + p) // W) * batch_size``
+        (without workers, ``W`` is 1). At step 0 this is the stream itself.
+        """
+        if step < 0 or batch_size < 1:
+            raise ValueError(f"step={step} must be >= 0 and batch_size={batch_size} >= 1")
+        resumed = copy.copy(self)
+        resumed.start_step, resumed.batch_size = step, batch_size
+        return resumed
 
     def generator(self, index: int, worker: int = 0) -> np.random.Generator:
         """The random generator of sample ``index`` of ``worker`` (for reproducing a sample)."""
@@ -521,8 +537,9 @@ class PatchDataset(IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         info = get_worker_info()
-        worker = 0 if info is None else info.id
-        index = 0
+        physical, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        worker = (physical + self.start_step) % workers  # see resumed()
+        index = (self.start_step + physical) // workers * self.batch_size
         with rasterizing():
             while True:
                 yield self.sample(index, worker)

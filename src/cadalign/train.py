@@ -1,15 +1,18 @@
 """Training loop of one :class:`~cadalign.model.AlignNet` (one downsampling factor).
 
 Read top to bottom: the configuration, the runtime (device, precision, DDP) set up once,
-the checkpoint format, then :func:`train`.
+the checkpoint format, then :func:`train` and its parts (set-up and resume, the step, the
+log, the checkpoint).
 
 - Single process: ``train(...)`` on CPU or one GPU.
 - Several GPUs (or CPU processes): launch with ``torchrun --nproc_per_node N``; ``RANK`` in
   the environment switches on DistributedDataParallel (nccl on CUDA, gloo on CPU). Each rank
   draws its own shard of the patches; rank 0 alone logs, checkpoints and writes the model.
-- Resumable: a checkpoint (model, optimizer, grad scaler, step, RNG states, configs) is
-  written atomically every ``checkpoint_every`` steps; a restarted run loads it and continues
-  with the same patch order, so an interrupted run ends where an uninterrupted one would.
+- Resumable: a checkpoint (model, optimizer, grad scaler, step, RNG states, configs and the
+  rows logged so far) is written atomically every ``checkpoint_every`` steps, the previous
+  one kept; a restarted run loads the newest readable one (a corrupt one is moved aside)
+  and continues with the same patches, so an interrupted run ends where an uninterrupted
+  one would, with the same log.
 """
 
 from __future__ import annotations
@@ -20,12 +23,13 @@ import itertools
 import logging
 import math
 import os
+import pickle
 import random
 import sys
 import time
 from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -194,6 +198,19 @@ class _ShardedStream(Sampler[int]):
             epoch, offset = epoch + 1, 0
 
 
+@runtime_checkable
+class ResumableStream(Protocol):
+    """An iterable dataset that a resumed run continues (e.g. :class:`cadalign.patches.PatchDataset`).
+
+    ``resumed(step, batch_size)`` returns the dataset whose stream, loaded by a fresh
+    ``DataLoader(batch_size=batch_size)`` with the same workers, yields the batches of
+    steps ``step, step + 1, ...`` of the uninterrupted stream; ``resumed(0, batch_size)``
+    yields the stream itself.
+    """
+
+    def resumed(self, step: int, batch_size: int) -> IterableDataset: ...
+
+
 def loader_batches(
     dataset: Dataset, cfg: TrainConfig, rt: Runtime, start_step: int
 ) -> Generator[dict[str, Any], None, None]:
@@ -208,7 +225,10 @@ def loader_batches(
         "persistent_workers": cfg.num_workers > 0,
     }
     if isinstance(dataset, IterableDataset):
-        # The dataset shards itself by rank and worker; a resumed run restarts its stream.
+        # The dataset shards itself by rank and worker; a resumed run restarts its stream
+        # unless the dataset can continue it.
+        if isinstance(dataset, ResumableStream):
+            dataset = dataset.resumed(start_step, cfg.batch_size)
         while True:
             yield from _start(DataLoader(dataset, **common))
     n = len(dataset)  # type: ignore[arg-type]
@@ -321,49 +341,114 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
-def _save(obj: dict[str, Any], path: str | Path) -> None:
+def _save(obj: dict[str, Any], path: str | Path, previous: Path | None = None) -> None:
     """``torch.save`` atomically, with the same bytes for the same content.
 
     Saved to a path, the archive's inner folder takes the file's name, here the random
     name of the temporary file; saved through a file object it is always "archive".
+    With ``previous``, the file at ``path`` becomes ``previous`` once the new one is complete,
+    so a kill at any point leaves at least one complete file.
     """
-    with atomic_path(path) as tmp, open(tmp, "wb") as file:
-        torch.save(obj, file)
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as file:
+            torch.save(obj, file)
+        if previous is not None and path.is_file():
+            os.replace(path, previous)
 
 
 def _configs(model_cfg: ModelConfig, loss_cfg: LossConfig, train_cfg: TrainConfig) -> dict[str, Any]:
     return {"model": asdict(model_cfg), "loss": asdict(loss_cfg), "train": asdict(train_cfg)}
 
 
-def _load_checkpoint(path: Path, model_cfg: ModelConfig) -> dict[str, Any]:
+CHECKPOINT_KEYS = frozenset({"model", "optimizer", "scaler", "step", "rng", "config"})
+"""What every checkpoint holds; ``log`` (the rows logged so far) is added since exact resume."""
+
+
+def previous_checkpoint(path: str | Path) -> Path:
+    """Where the checkpoint before the newest one at ``path`` is kept (``<name>.prev``)."""
+    path = Path(path)
+    return path.with_name(f"{path.name}.prev")
+
+
+def checkpoint_files(path: str | Path) -> list[Path]:
+    """The checkpoints of ``path`` that exist, newest first (the newest, then the previous)."""
+    return [p for p in (Path(path), previous_checkpoint(path)) if p.is_file()]
+
+
+class CorruptFileError(ValueError):
+    """A model or checkpoint file that cannot be read (truncated, empty, not written by this code)."""
+
+
+def _read(path: Path, keys: frozenset[str], what: str, fix: str) -> dict[str, Any]:
+    """``torch.load`` of a dict with ``keys`` on the CPU; anything else raises naming the file (and ``fix``)."""
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated, empty or garbage: torch raises EOFError, RuntimeError, ...
+        # torch's own text for garbage suggests weights_only=False (unsafe): say what it means
+        if isinstance(err, pickle.UnpicklingError):
+            reason = "not written by torch.save"
+        else:
+            reason = (str(err).strip().splitlines() or ["empty" if path.stat().st_size == 0 else "no detail"])[0][:200]
+        raise CorruptFileError(f"{path} is not a readable {what} ({type(err).__name__}: {reason}){fix}") from err
+    missing = keys - set(blob) if isinstance(blob, dict) else keys
+    if missing:
+        raise CorruptFileError(f"{path} is not a complete {what} (missing {', '.join(sorted(missing))}){fix}")
+    return blob
+
+
+def _load_checkpoint(path: Path, model_cfg: ModelConfig | None) -> dict[str, Any]:
     # On the CPU: RNG states must stay CPU tensors; load_state_dict moves weights and
     # optimizer state to the parameters' device.
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    saved = from_dict(ModelConfig, ckpt["config"]["model"], where=f"{path}: config.model")
-    if saved != model_cfg:
-        raise ValueError(
-            f"checkpoint {path} was written for a different model ({saved}, now {model_cfg}); "
-            "restore the model params or delete the checkpoint to start over"
-        )
+    ckpt = _read(path, CHECKPOINT_KEYS, "checkpoint", "")
+    if model_cfg is not None:
+        saved = from_dict(ModelConfig, ckpt["config"]["model"], where=f"{path}: config.model")
+        if saved != model_cfg:
+            raise ValueError(
+                f"checkpoint {path} was written for a different model ({saved}, now {model_cfg}); "
+                "restore the model params or delete the checkpoint to start over"
+            )
     return ckpt
+
+
+def latest_checkpoint(path: str | Path, model_cfg: ModelConfig | None = None, move_aside: bool = True) -> dict[str, Any] | None:
+    """The newest readable checkpoint of ``path`` (see :func:`checkpoint_files`), or None.
+
+    A corrupt one (truncated, empty, garbage) is logged at WARNING and, with ``move_aside``,
+    renamed to ``<name>.corrupt``; the previous one is tried next.
+
+    Args:
+        path: the ``checkpoint_path`` of :func:`train`.
+        model_cfg: when given, a checkpoint of another model raises instead of being skipped.
+        move_aside: rename corrupt files (the process that writes checkpoints does).
+
+    Raises:
+        ValueError: if a readable checkpoint was written for another model.
+    """
+    for candidate in checkpoint_files(path):
+        try:
+            return _load_checkpoint(candidate, model_cfg)
+        except CorruptFileError as err:
+            if move_aside:
+                aside = candidate.with_name(f"{candidate.name}.corrupt")
+                os.replace(candidate, aside)
+                logger.warning("%s; moved it to %s, resuming from the previous checkpoint if there is one", err, aside)
+            else:
+                logger.warning("%s; trying the previous checkpoint", err)
+    return None
 
 
 def resume_step(checkpoint_path: str | Path) -> int:
     """Step a run with this checkpoint will resume from (0 if there is none yet).
 
-    Lets a caller give an iterable dataset a fresh stream on resume instead of replaying
-    the patches of the first steps.
-
     Args:
         checkpoint_path: the ``checkpoint_path`` that will be passed to :func:`train`.
 
     Returns:
-        The number of steps already done.
+        The number of steps already done (of the newest readable checkpoint).
     """
-    path = Path(checkpoint_path)
-    if not path.exists():
-        return 0
-    return int(torch.load(path, map_location="cpu", weights_only=True)["step"])
+    ckpt = latest_checkpoint(checkpoint_path, move_aside=False)
+    return 0 if ckpt is None else int(ckpt["step"])
 
 
 def save_model(model: AlignNet, path: str | Path) -> None:
@@ -383,11 +468,12 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> Al
 
     Raises:
         FileNotFoundError: if ``path`` does not exist.
+        CorruptFileError: (a ValueError) if it is not a complete model file, naming it.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"model file not found: {path}; run the train stage first")
-    blob = torch.load(path, map_location=map_location, weights_only=True)
+    blob = _read(path, frozenset({"model", "config"}), "model file", "; rerun the stage that writes it (dvc repro)")
     model = AlignNet(from_dict(ModelConfig, blob["config"], where=f"{path}: config"))
     model.load_state_dict(blob["model"])
     return model.to(map_location).eval()
@@ -417,6 +503,170 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, fused: bool) -> torch.opt
     return torch.optim.AdamW(groups, lr=cfg.lr, fused=fused)
 
 
+LogRow = tuple[int, dict[str, float]]
+"""One logged row: the step (1-based count of finished steps) and the statistics of :func:`train`'s ``on_log``."""
+
+
+@dataclass
+class _State:
+    """What a checkpoint holds: the network (unwrapped), its optimizer and scaler, the steps
+    done and the rows logged so far."""
+
+    model: AlignNet
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+    step: int = 0
+    log: list[LogRow] = field(default_factory=list)
+
+
+def _initial_state(model_cfg: ModelConfig, train_cfg: TrainConfig, rt: Runtime, init: AlignNet | None) -> _State:
+    """A seeded (or ``init``) network on the training device with a fresh optimizer."""
+    raw_model = AlignNet(model_cfg)
+    if init is not None:
+        if init.cfg != model_cfg:
+            raise ValueError(f"the initial network has config {init.cfg}, not the model to train {model_cfg}")
+        raw_model.load_state_dict(init.state_dict())
+    raw_model = raw_model.to(rt.device)
+    optimizer = make_optimizer(raw_model, train_cfg, fused=rt.device.type == "cuda")
+    scaler = torch.amp.GradScaler("cuda") if rt.autocast_dtype == torch.float16 else None
+    return _State(raw_model, optimizer, scaler)
+
+
+def _resume(state: _State, checkpoint_path: Path, train_cfg: TrainConfig, rt: Runtime) -> None:
+    """Load the newest readable checkpoint of ``checkpoint_path`` into ``state``, if there is one."""
+    ckpt = latest_checkpoint(checkpoint_path, state.model.cfg, move_aside=rt.is_main)
+    if ckpt is None:
+        return
+    state.model.load_state_dict(ckpt["model"])
+    state.optimizer.load_state_dict(ckpt["optimizer"])
+    if state.scaler is not None and ckpt["scaler"] is not None:
+        state.scaler.load_state_dict(ckpt["scaler"])
+    if not rt.distributed:  # under DDP each rank keeps its own seed (rank 0's RNG was saved)
+        _set_rng_state(ckpt["rng"])
+    state.step = int(ckpt["step"])
+    state.log = [(int(step), dict(stats)) for step, stats in ckpt.get("log", [])]  # absent in older checkpoints
+    saved = ckpt["config"]["train"]
+    for key in ("batch_size", "num_workers"):  # the patch stream continues where it stopped only with both
+        if saved.get(key) != getattr(train_cfg, key):
+            logger.warning(
+                "the checkpoint was made with train.optim.%s=%s, now %s: the resumed run draws other patches "
+                "than an uninterrupted one would", key, saved.get(key), getattr(train_cfg, key)
+            )
+    logger.info("resuming from %s at step %d", checkpoint_path, state.step)
+
+
+def _checkpoint(state: _State, checkpoint_path: Path, configs: dict[str, Any]) -> None:
+    """Write ``state`` as the newest checkpoint (the one before it is kept as the previous)."""
+    ckpt = {
+        "model": state.model.state_dict(),
+        "optimizer": state.optimizer.state_dict(),
+        "scaler": state.scaler.state_dict() if state.scaler is not None else None,
+        "step": state.step,
+        "rng": _rng_state(),
+        "config": configs,
+        "log": state.log,
+    }
+    _save(ckpt, checkpoint_path, previous_checkpoint(checkpoint_path))
+
+
+def _wrapped(raw_model: AlignNet, cfg: TrainConfig, rt: Runtime) -> tuple[nn.Module, torch.memory_format]:
+    """The network as the step runs it (NHWC, compiled, DDP as configured) and its input layout.
+    The raw network keeps unprefixed parameter names for checkpoints and the model file."""
+    on_cuda = rt.device.type == "cuda"
+    model: nn.Module = raw_model
+    if on_cuda and cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if on_cuda and cfg.compile:
+        model = torch.compile(model)
+    if rt.distributed:
+        model = DistributedDataParallel(model, device_ids=[rt.local_rank] if on_cuda else None)
+    layout = torch.channels_last if on_cuda and cfg.channels_last else torch.contiguous_format
+    return model, layout
+
+
+def _step(
+    model: nn.Module,
+    state: _State,
+    batch: dict[str, torch.Tensor],
+    loss_cfg: LossConfig,
+    train_cfg: TrainConfig,
+    rt: Runtime,
+    layout: torch.memory_format,
+    checkpoint_path: Path,
+) -> dict[str, float]:
+    """One optimizer step (step ``state.step``, whose learning rate is already set) on ``batch``.
+
+    Returns:
+        The loss terms, averaged over the ranks.
+    """
+    step = state.step
+    try:
+        batch = {k: v.to(rt.device, non_blocking=True) for k, v in batch.items()}
+        with rt.autocast():
+            out = model(batch["image"].contiguous(memory_format=layout), batch["polys"].contiguous(memory_format=layout))
+        loss, terms = alignment_loss(out, batch["disp"], batch["seg"], batch["polys_out"], step, loss_cfg)
+        if rt.distributed:  # global mean of the terms, so every rank sees a non-finite loss
+            values = torch.tensor(list(terms.values()), dtype=torch.float64, device=rt.device)
+            dist.all_reduce(values)
+            terms = dict(zip(terms, (values / rt.world_size).tolist(), strict=True))
+        if not math.isfinite(terms["loss"]):
+            raise FloatingPointError(
+                f"non-finite loss at step {step} ({terms}); the last checkpoint {checkpoint_path} is "
+                "kept and no model was written: check the input patches or lower train.optim.lr"
+            )
+        state.optimizer.zero_grad(set_to_none=True)
+        if state.scaler is not None:
+            state.scaler.scale(loss).backward()
+            state.scaler.step(state.optimizer)
+            state.scaler.update()
+        else:
+            loss.backward()
+            state.optimizer.step()
+    except torch.OutOfMemoryError as err:
+        raise RuntimeError(
+            f"CUDA out of memory at step {step} with train.optim.batch_size={train_cfg.batch_size} "
+            f"per process: lower train.optim.batch_size in params.yaml"
+        ) from err
+    return terms
+
+
+class _Progress:
+    """The progress bar and the rows logged every ``log_every`` steps (kept in ``state.log``,
+    passed to ``on_log`` on rank 0), with the patch rate since the previous row."""
+
+    def __init__(
+        self, cfg: TrainConfig, rt: Runtime, state: _State, on_log: Callable[[int, dict[str, float]], None] | None
+    ) -> None:
+        self.cfg, self.rt, self.state, self.on_log = cfg, rt, state, on_log
+        self.patches_per_step = cfg.batch_size * rt.world_size
+        self.t_start = self.t_log = time.perf_counter()
+        self.step_log = state.step
+        self.bar = tqdm(
+            total=cfg.steps,
+            initial=state.step,
+            disable=not rt.is_main,
+            desc="train",
+            unit="step",
+            mininterval=0.5 if sys.stderr.isatty() else 30.0,  # few lines in DVC and CI logs
+        )
+
+    def done(self, terms: dict[str, float], lr: float) -> None:
+        """Record the step just finished (``state.step`` counts it)."""
+        done = self.state.step
+        self.bar.update(1)
+        if done % self.cfg.log_every and done != self.cfg.steps:
+            return
+        now = time.perf_counter()
+        speed = (done - self.step_log) * self.patches_per_step / max(now - self.t_log, 1e-9)
+        stats = {**terms, "lr": lr, "patches_per_s": speed}
+        self.t_log, self.step_log = now, done
+        self.bar.set_postfix(loss=f"{terms['loss']:.4g}", patches_per_s=f"{speed:.1f}")
+        self.state.log.append((done, stats))
+        if self.on_log is not None and self.rt.is_main:
+            self.on_log(done, stats)
+
+
+
 def train(
     model_cfg: ModelConfig,
     loss_cfg: LossConfig,
@@ -439,10 +689,14 @@ def train(
             A map-style dataset is drawn in a seeded, per-rank sharded order that a resume
             continues exactly; its own randomness (augmentation) resumes exactly when it
             comes from the process RNGs with ``num_workers`` 0 (restored from the
-            checkpoint) or from the index. An iterable dataset must shard itself by rank
-            and restarts its stream on resume. Or a :class:`BatchSource`: whole batches of
+            checkpoint) or from the index. An iterable dataset must shard itself by rank;
+            one with a ``resumed(step, batch_size)`` method (:class:`ResumableStream`, e.g.
+            :class:`cadalign.patches.PatchDataset`) continues where it stopped, any other
+            restarts its stream on resume. Or a :class:`BatchSource`: whole batches of
             ``train_cfg.batch_size`` by step, which a resume continues exactly.
-        checkpoint_path: resumable training state, written every ``checkpoint_every`` steps.
+        checkpoint_path: resumable training state, written every ``checkpoint_every`` steps;
+            the one before the newest is kept as ``<name>.prev`` (:func:`checkpoint_files`).
+            A corrupt one is moved to ``<name>.corrupt`` and the previous one resumed.
         model_path: final weights ``{model, config}``, written at the end.
         on_log: called on rank 0 every ``log_every`` steps with the step (1-based count of
             finished steps) and the loss terms, ``lr`` and ``patches_per_s``.
@@ -451,7 +705,8 @@ def train(
 
     Returns:
         Final statistics: ``steps``, ``start_step``, ``loss`` (terms of the last step),
-        ``patches_per_s`` (mean over the run), ``device``, ``world_size``, and ``model`` (the
+        ``patches_per_s`` (mean over the run), ``device``, ``world_size``, ``log`` (every
+        row logged, those before a resume included, from the checkpoint) and ``model`` (the
         trained network, unwrapped, on ``device``; the same on every rank).
 
     Raises:
@@ -463,122 +718,33 @@ def train(
     """
     rt = setup_runtime(train_cfg)
     checkpoint_path, model_path = Path(checkpoint_path), Path(model_path)
-    on_cuda = rt.device.type == "cuda"
-    raw_model = AlignNet(model_cfg)
-    if init is not None:
-        if init.cfg != model_cfg:
-            raise ValueError(f"the initial network has config {init.cfg}, not the model to train {model_cfg}")
-        raw_model.load_state_dict(init.state_dict())
-    raw_model = raw_model.to(rt.device)
-    optimizer = make_optimizer(raw_model, train_cfg, fused=on_cuda)
-    scaler = torch.amp.GradScaler("cuda") if rt.autocast_dtype == torch.float16 else None
-
-    start_step = 0
-    if checkpoint_path.exists():
-        ckpt = _load_checkpoint(checkpoint_path, model_cfg)
-        raw_model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if scaler is not None and ckpt["scaler"] is not None:
-            scaler.load_state_dict(ckpt["scaler"])
-        if not rt.distributed:  # under DDP each rank keeps its own seed (rank 0's RNG was saved)
-            _set_rng_state(ckpt["rng"])
-        start_step = ckpt["step"]
-        logger.info("resuming from %s at step %d", checkpoint_path, start_step)
-
-    # Wrap for speed (CUDA) and distribution; raw_model keeps unprefixed parameter names.
-    model: nn.Module = raw_model
-    if on_cuda and train_cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if on_cuda and train_cfg.compile:
-        model = torch.compile(model)
-    if rt.distributed:
-        model = DistributedDataParallel(model, device_ids=[rt.local_rank] if on_cuda else None)
-    layout = torch.channels_last if on_cuda and train_cfg.channels_last else torch.contiguous_format
-
-    def checkpoint(step: int) -> None:
-        if rt.is_main:
-            _save(
-                {
-                    "model": raw_model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scaler": scaler.state_dict() if scaler is not None else None,
-                    "step": step,
-                    "rng": _rng_state(),
-                    "config": _configs(model_cfg, loss_cfg, train_cfg),
-                },
-                checkpoint_path,
-            )
-
+    state = _initial_state(model_cfg, train_cfg, rt, init)
+    _resume(state, checkpoint_path, train_cfg, rt)
+    start_step = state.step
+    model, layout = _wrapped(state.model, train_cfg, rt)
     if isinstance(dataset, BatchSource):
         batches = source_batches(dataset, start_step, prefetch=train_cfg.prefetch)
     else:
         batches = loader_batches(dataset, train_cfg, rt, start_step)
+    configs = _configs(model_cfg, loss_cfg, train_cfg)
+    progress = _Progress(train_cfg, rt, state, on_log)
     terms: dict[str, float] = {}
-    patches_per_step = train_cfg.batch_size * rt.world_size
-    t_start = t_log = time.perf_counter()
-    step_log = start_step
-    bar = tqdm(
-        total=train_cfg.steps,
-        initial=start_step,
-        disable=not rt.is_main,
-        desc="train",
-        unit="step",
-        mininterval=0.5 if sys.stderr.isatty() else 30.0,  # few lines in DVC and CI logs
-    )
     model.train()
-    for step in range(start_step, train_cfg.steps):
-        lr = lr_at(train_cfg, step)
-        for group in optimizer.param_groups:
+    while state.step < train_cfg.steps:
+        lr = lr_at(train_cfg, state.step)
+        for group in state.optimizer.param_groups:
             group["lr"] = lr
-        batch = next(batches)
-        try:
-            batch = {k: v.to(rt.device, non_blocking=True) for k, v in batch.items()}
-            with rt.autocast():
-                out = model(
-                    batch["image"].contiguous(memory_format=layout),
-                    batch["polys"].contiguous(memory_format=layout),
-                )
-            loss, terms = alignment_loss(out, batch["disp"], batch["seg"], batch["polys_out"], step, loss_cfg)
-            if rt.distributed:  # global mean of the terms, so every rank sees a non-finite loss
-                values = torch.tensor(list(terms.values()), dtype=torch.float64, device=rt.device)
-                dist.all_reduce(values)
-                terms = dict(zip(terms, (values / rt.world_size).tolist(), strict=True))
-            if not math.isfinite(terms["loss"]):
-                raise FloatingPointError(
-                    f"non-finite loss at step {step} ({terms}); the last checkpoint {checkpoint_path} is "
-                    "kept and no model was written: check the input patches or lower train.optim.lr"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
-        except torch.OutOfMemoryError as err:
-            raise RuntimeError(
-                f"CUDA out of memory at step {step} with train.optim.batch_size={train_cfg.batch_size} "
-                f"per process: lower train.optim.batch_size in params.yaml"
-            ) from err
-        done = step + 1
-        bar.update(1)
-        if done % train_cfg.log_every == 0 or done == train_cfg.steps:
-            now = time.perf_counter()
-            speed = (done - step_log) * patches_per_step / max(now - t_log, 1e-9)
-            stats = {**terms, "lr": lr, "patches_per_s": speed}
-            t_log, step_log = now, done
-            bar.set_postfix(loss=f"{terms['loss']:.4g}", patches_per_s=f"{stats['patches_per_s']:.1f}")
-            if on_log is not None and rt.is_main:
-                on_log(done, stats)
-        if done % train_cfg.checkpoint_every == 0 or done == train_cfg.steps:
-            checkpoint(done)
-    bar.close()
+        terms = _step(model, state, next(batches), loss_cfg, train_cfg, rt, layout, checkpoint_path)
+        state.step += 1
+        progress.done(terms, lr)
+        if rt.is_main and (state.step % train_cfg.checkpoint_every == 0 or state.step == train_cfg.steps):
+            _checkpoint(state, checkpoint_path, configs)
+    progress.bar.close()
     batches.close()  # a prefetch thread stops here (after an exception: when the iterator is collected)
 
-    elapsed = time.perf_counter() - t_start
+    elapsed = time.perf_counter() - progress.t_start
     if rt.is_main:
-        save_model(raw_model, model_path)
+        save_model(state.model, model_path)
         logger.info("wrote %s after %d steps", model_path, train_cfg.steps)
     if rt.distributed:
         dist.barrier()  # no rank goes on (to the next network, or exits) before rank 0 has written
@@ -587,8 +753,9 @@ def train(
         "steps": train_cfg.steps,
         "start_step": start_step,
         "loss": terms,
-        "patches_per_s": ran * patches_per_step / elapsed if ran > 0 else 0.0,
+        "patches_per_s": ran * progress.patches_per_step / elapsed if ran > 0 else 0.0,
         "device": str(rt.device),
         "world_size": rt.world_size,
-        "model": raw_model,
+        "log": list(state.log),
+        "model": state.model,
     }

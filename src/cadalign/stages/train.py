@@ -7,7 +7,10 @@ learns the field that moves them back onto the labels.
 Writes ``--out/ds<f>.pt`` (weights + model config) for each factor, the training log
 ``--log`` (CSV: round, ds, step, loss terms, lr, patches/s; a DVC plot), and keeps resumable
 checkpoints in ``--checkpoints`` (a DVC ``persist`` output): a killed run resumes where it
-stopped when the stage is rerun. A checkpoint made for other inputs or settings is discarded.
+stopped when the stage is rerun, with the same patches, weights and log as an uninterrupted run
+(the log's rows are kept in the checkpoints, so a rerun writes the whole log). A checkpoint made
+for other inputs or settings is discarded; settings that do not change the result
+(:data:`COSMETIC_OPTIM`) do not count.
 With ``train.warm_start`` each network starts from ``--init/ds<f>.pt`` (the previous round's
 network; round 1: the initialize stage's) instead of a fresh initialisation.
 With ``train.cascade`` each finer network trains on the labels as the round's coarser
@@ -49,11 +52,16 @@ from cadalign.stages.common import make_parser, setup_logging
 from cadalign.settings.realign import RealignStageConfig
 from cadalign.settings.train import TrainStageConfig, check_round_names, network_seed, patch_config
 from cadalign.tracking import is_rank_zero, stage_run
-from cadalign.train import BatchSource, TrainConfig, load_model, resume_step, train, training_device
+from cadalign.train import BatchSource, TrainConfig, checkpoint_files, load_model, train, training_device
 
 logger = logging.getLogger(__name__)
 
 LOG_COLUMNS = ("round", "ds", "step", "loss", "lr", "patches_per_s")
+
+COSMETIC_OPTIM = ("log_every", "checkpoint_every", "prefetch")
+"""``train.optim`` keys that change no weight, so a checkpoint made with other values is kept:
+logging and checkpointing read the state only, and a prefetched batch has the same bytes.
+(``num_workers`` is not one: the exact sampler's patches depend on the number of workers.)"""
 
 
 def training_tiles(cities_dir: Path, labels_dir: Path, cities: list[str]) -> list[TileData]:
@@ -82,7 +90,10 @@ def fingerprint(
         for tensor in net.state_dict().values():
             h.update(tensor.detach().float().cpu().numpy().tobytes())
 
-    h = hashlib.sha256(json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str).encode())
+    settings = dataclasses.asdict(cfg)
+    for key in COSMETIC_OPTIM:
+        del settings["optim"][key]
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
     h.update(str(ds).encode())
     if coarser is not None:
         window, nets = coarser
@@ -112,16 +123,16 @@ def cascade_labels(
     return moved
 
 
-def patch_source(data: list[TileData], pcfg: PatchConfig, optim: TrainConfig, ckpt: Path) -> PatchDataset | BatchSource:
+def patch_source(data: list[TileData], pcfg: PatchConfig, optim: TrainConfig) -> PatchDataset | BatchSource:
     """The patches of one network, per ``train.patches.sampler``, for this process's rank.
 
-    exact: a dataset drawn in the loader's workers (a resumed run continues with a fresh stream);
+    exact: a dataset drawn in the loader's workers (a resumed run continues its stream);
     device: whole batches drawn on the training device by step (a resume redraws them exactly).
     """
     rank = int(os.environ.get("RANK", "0"))
     if pcfg.sampler == "device":
         return DeviceSampler(data, pcfg, optim.batch_size, training_device(optim), rank=rank)
-    return PatchDataset(data, pcfg, rank=rank, stream=resume_step(ckpt))
+    return PatchDataset(data, pcfg, rank=rank)
 
 
 def initial_network(init_dir: Path, ds: int, cfg: TrainStageConfig) -> Path:
@@ -147,12 +158,14 @@ def initial_network(init_dir: Path, ds: int, cfg: TrainStageConfig) -> Path:
 
 
 def _checkpoint_for(ckpt_dir: Path, ds: int, stamp: str) -> Path:
-    """The checkpoint path of factor ``ds``, cleared if it was made for other inputs."""
+    """The checkpoint path of factor ``ds``, cleared (with the previous one) if it was made for other inputs."""
     ckpt = ckpt_dir / f"ds{ds}.ckpt"
     stamp_path = ckpt_dir / f"ds{ds}.fingerprint"
-    if ckpt.exists() and (not stamp_path.exists() or stamp_path.read_text() != stamp):
+    made = checkpoint_files(ckpt)
+    if made and (not stamp_path.exists() or stamp_path.read_text() != stamp):
         logger.warning("%s was made for other labels or settings; starting afresh", ckpt)
-        ckpt.unlink()
+        for path in made:
+            path.unlink()
     if is_rank_zero():
         write_text(stamp_path, stamp)
     return ckpt
@@ -200,11 +213,10 @@ def main(argv: list[str] | None = None) -> None:
                 coarser = (window, trained) if window is not None and trained else None
                 stamp = fingerprint(cfg, args.labels, cities, ds, init, coarser, grown_from)
                 ckpt = _checkpoint_for(args.checkpoints, ds, stamp)
-                dataset = patch_source(data, pcfg, optim, ckpt)  # each rank draws its own patches
+                dataset = patch_source(data, pcfg, optim)  # each rank draws its own patches
                 offset = i * optim.steps  # MLflow step axis: networks one after the other
 
                 def on_log(step: int, stats: dict[str, float], ds: int = ds, offset: int = offset) -> None:
-                    rows.append(",".join([args.round, str(ds), str(step)] + [f"{stats[k]:.6g}" for k in LOG_COLUMNS[3:]]))
                     run.log_metrics({f"ds{ds}.{k}": v for k, v in stats.items()}, step=offset + step)
 
                 logger.info("training ds=%d: input %d px, output %d px", ds, pcfg.input_size, pcfg.output_size)
@@ -214,6 +226,10 @@ def main(argv: list[str] | None = None) -> None:
                 elif grown_from is not None:
                     logger.info("ds=%d starts from the ds=%d network just trained (train.grow)", ds, factors[i - 1])
                 result = train(cfg.model, cfg.loss, optim, dataset, ckpt, out_tmp / f"ds{ds}.pt", on_log=on_log, init=start)
+                for step, stats in result["log"]:  # the whole log, rows before a resume from the checkpoint
+                    rows.append(",".join([args.round, str(ds), str(step)] + [f"{stats[k]:.6g}" for k in LOG_COLUMNS[3:]]))
+                    if step <= result["start_step"] and is_rank_zero():  # this run's MLflow series gets them too
+                        on_log(step, stats)
                 if result["steps"] > result["start_step"]:  # not already finished in a checkpoint
                     run.log_metrics({f"ds{ds}.final_loss": result["loss"]["loss"]}, step=offset + result["steps"])
                 trained.append(result["model"])
