@@ -181,6 +181,28 @@ def test_float_bands_with_a_nodata_param_and_nan(tmp_path, pan):
         assert (image[..., c][valid] == 255).mean() == pytest.approx(0.05, abs=0.01)  # the top 5 % saturate
 
 
+def test_internal_mask_marks_missing_pixels(tmp_path, pan):
+    """A tile without a nodata tag whose GDAL internal mask hides a saturated strip."""
+    image = pan["array"].copy()
+    image[:, :6] = 65_535
+    path = tmp_path / "masked" / "scene.tif"
+    path.parent.mkdir()
+    height, width = PAN["shape"]
+    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True), rasterio.open(
+        path, "w", driver="GTiff", width=width, height=height, count=1, dtype="uint16",
+        crs=f"EPSG:{PAN['epsg']}", transform=PAN["transform"],
+    ) as dst:
+        dst.write(image, 1)
+        dst.write_mask(np.where(np.arange(width) < 6, 0, 255).astype(np.uint8)[None].repeat(height, 0))
+    _fetch(_params(tmp_path, f"{{source: files, tiles: [1], images: {path}, polygons: {pan['vector']}}}"),
+           tmp_path / "cities" / "mine")
+    out, *_ = _written(tmp_path / "cities" / "mine")
+    valid = np.arange(width)[None].repeat(height, 0) >= 6  # the zeros of the last columns are valid here: no tag
+    lo, hi = np.percentile(image[valid].astype(np.float64), [2, 98])
+    want = np.where(valid, np.round(np.interp(image.astype(np.float64), [lo, hi], [0.0, 255.0])), 0)
+    np.testing.assert_array_equal(out[..., 0], want.astype(np.uint8))
+
+
 def test_four_band_uint8_tile_with_shapefile_and_mask(tmp_path, rgbn):
     params = _params(tmp_path, f"{{source: files, tiles: [1], images: [{rgbn['image']}], polygons: {rgbn['vector']}, "
                                f"masks: '{rgbn['mask'].parent}/*.tif'}}")
