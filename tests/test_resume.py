@@ -153,9 +153,10 @@ def test_a_corrupt_checkpoint_is_moved_aside_and_the_previous_one_resumed(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pt", "run.ckpt", "run.ckpt.prev"]
     assert [torch.load(p, weights_only=True)["step"] for p in (ckpt, previous_checkpoint(ckpt))] == [4, 2]
     damaged = _damage(ckpt, how)
-    with caplog.at_level(logging.WARNING, logger="cadalign.train"):
+    with caplog.at_level(logging.INFO, logger="cadalign.train"):
         again = train(MODEL, LossConfig(), SMALL, PatchDataset([tiny_tile()], PATCHES), ckpt, tmp_path / "b.pt")
     assert f"{ckpt} is not a readable checkpoint" in caplog.text and f"moved it to {ckpt}.corrupt" in caplog.text
+    assert f"resuming from {ckpt}.prev at step 2" in caplog.text
     assert (tmp_path / "run.ckpt.corrupt").read_bytes() == damaged
     assert again["start_step"] == 2 and again["log"] == [(s, again["log"][s - 1][1]) for s in (1, 2, 3, 4)]
     assert [row[1]["loss"] for row in again["log"]] == [row[1]["loss"] for row in stats["log"]]

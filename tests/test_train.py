@@ -215,10 +215,12 @@ def test_resume_rejects_a_checkpoint_of_another_model(tmp_path: Path) -> None:
 
 def test_non_finite_loss_stops_without_model_file(tmp_path: Path) -> None:
     data = TinyPatches(nan_after_calls=3 * FAST.batch_size)  # steps 0-2 fine, step 3 gets NaN
-    with pytest.raises(FloatingPointError, match="non-finite loss at step 3"):
+    with pytest.raises(FloatingPointError, match=rf"non-finite loss at step 3 .*the last checkpoint {tmp_path / 'ckpt.pt'} is kept"):
         train(MODEL, LossConfig(), FAST, data, tmp_path / "ckpt.pt", tmp_path / "model.pt")
     assert not (tmp_path / "model.pt").exists()
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 3
+    with pytest.raises(FloatingPointError, match="non-finite loss at step 0 .*; no checkpoint was written yet and no model"):
+        train(MODEL, LossConfig(), FAST, TinyPatches(nan_after_calls=0), tmp_path / "new.pt", tmp_path / "model.pt")
 
 
 class TinyStream(IterableDataset):

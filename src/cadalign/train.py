@@ -362,7 +362,7 @@ def _configs(model_cfg: ModelConfig, loss_cfg: LossConfig, train_cfg: TrainConfi
 
 
 CHECKPOINT_KEYS = frozenset({"model", "optimizer", "scaler", "step", "rng", "config"})
-"""What every checkpoint holds; ``log`` (the rows logged so far) is added since exact resume."""
+"""What every checkpoint holds; ``log`` (the rows logged so far) is absent from those of earlier versions."""
 
 
 def previous_checkpoint(path: str | Path) -> Path:
@@ -411,8 +411,10 @@ def _load_checkpoint(path: Path, model_cfg: ModelConfig | None) -> dict[str, Any
     return ckpt
 
 
-def latest_checkpoint(path: str | Path, model_cfg: ModelConfig | None = None, move_aside: bool = True) -> dict[str, Any] | None:
-    """The newest readable checkpoint of ``path`` (see :func:`checkpoint_files`), or None.
+def latest_checkpoint(
+    path: str | Path, model_cfg: ModelConfig | None = None, move_aside: bool = True
+) -> tuple[Path, dict[str, Any]] | None:
+    """The newest readable checkpoint of ``path`` (see :func:`checkpoint_files`) and its file, or None.
 
     A corrupt one (truncated, empty, garbage) is logged at WARNING and, with ``move_aside``,
     renamed to ``<name>.corrupt``; the previous one is tried next.
@@ -427,7 +429,7 @@ def latest_checkpoint(path: str | Path, model_cfg: ModelConfig | None = None, mo
     """
     for candidate in checkpoint_files(path):
         try:
-            return _load_checkpoint(candidate, model_cfg)
+            return candidate, _load_checkpoint(candidate, model_cfg)
         except CorruptFileError as err:
             if move_aside:
                 aside = candidate.with_name(f"{candidate.name}.corrupt")
@@ -447,8 +449,8 @@ def resume_step(checkpoint_path: str | Path) -> int:
     Returns:
         The number of steps already done (of the newest readable checkpoint).
     """
-    ckpt = latest_checkpoint(checkpoint_path, move_aside=False)
-    return 0 if ckpt is None else int(ckpt["step"])
+    found = latest_checkpoint(checkpoint_path, move_aside=False)
+    return 0 if found is None else int(found[1]["step"])
 
 
 def save_model(model: AlignNet, path: str | Path) -> None:
@@ -534,9 +536,10 @@ def _initial_state(model_cfg: ModelConfig, train_cfg: TrainConfig, rt: Runtime, 
 
 def _resume(state: _State, checkpoint_path: Path, train_cfg: TrainConfig, rt: Runtime) -> None:
     """Load the newest readable checkpoint of ``checkpoint_path`` into ``state``, if there is one."""
-    ckpt = latest_checkpoint(checkpoint_path, state.model.cfg, move_aside=rt.is_main)
-    if ckpt is None:
+    found = latest_checkpoint(checkpoint_path, state.model.cfg, move_aside=rt.is_main)
+    if found is None:
         return
+    path, ckpt = found
     state.model.load_state_dict(ckpt["model"])
     state.optimizer.load_state_dict(ckpt["optimizer"])
     if state.scaler is not None and ckpt["scaler"] is not None:
@@ -552,7 +555,7 @@ def _resume(state: _State, checkpoint_path: Path, train_cfg: TrainConfig, rt: Ru
                 "the checkpoint was made with train.optim.%s=%s, now %s: the resumed run draws other patches "
                 "than an uninterrupted one would", key, saved.get(key), getattr(train_cfg, key)
             )
-    logger.info("resuming from %s at step %d", checkpoint_path, state.step)
+    logger.info("resuming from %s at step %d", path, state.step)
 
 
 def _checkpoint(state: _State, checkpoint_path: Path, configs: dict[str, Any]) -> None:
@@ -610,9 +613,11 @@ def _step(
             dist.all_reduce(values)
             terms = dict(zip(terms, (values / rt.world_size).tolist(), strict=True))
         if not math.isfinite(terms["loss"]):
+            kept = checkpoint_files(checkpoint_path)
             raise FloatingPointError(
-                f"non-finite loss at step {step} ({terms}); the last checkpoint {checkpoint_path} is "
-                "kept and no model was written: check the input patches or lower train.optim.lr"
+                f"non-finite loss at step {step} ({terms}); "
+                + (f"the last checkpoint {kept[0]} is kept" if kept else "no checkpoint was written yet")
+                + " and no model was written: check the input patches or lower train.optim.lr"
             )
         state.optimizer.zero_grad(set_to_none=True)
         if state.scaler is not None:
