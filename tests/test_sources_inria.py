@@ -9,6 +9,7 @@ import os
 import struct
 import zipfile
 import zlib
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -258,3 +259,56 @@ def test_mask_to_polygons_rejects_bad_masks():
         mask_to_polygons(np.eye(4, dtype=np.uint8))
     with pytest.raises(ValueError, match="must be 2-D"):
         mask_to_polygons(np.zeros((2, 4, 4), np.uint8))
+
+
+def _damaged(volume: bytes) -> bytes:
+    """The same volume, same size, with 16 bytes in its middle flipped."""
+    bad = bytearray(volume)
+    mid = len(bad) // 2
+    bad[mid : mid + 16] = bytes(b ^ 0x5A for b in bad[mid : mid + 16])
+    return bytes(bad)
+
+
+def _gets(server: LocalServer) -> dict[str, int]:
+    return dict(Counter(r.path for r in server.requests if r.method == "GET"))
+
+
+def test_damaged_volume_downloaded_again_and_replaced(server, dataset, tmp_path, caplog):
+    part = PARTS[2]
+    server.routes[f"/aerial/{part}"].script.append(Reply(status=200, body=_damaged(dataset["volumes"][2])))
+    out = tmp_path / "out"
+    with caplog.at_level(logging.WARNING, logger="cadalign.sources.inria"):
+        paths = fetch_city("austin", [1], _cfg(server, dataset, tmp_path), out)
+    _check_copies(paths, dataset, "austin", [1], out)
+    # volumes 1 and 2 were compared and kept, 3 differed and was replaced; 4 and 5 were never suspected
+    assert _gets(server) == {f"/aerial/{p}": n for p, n in zip(PARTS, [2, 2, 2, 1, 1], strict=True)}
+    assert f"{part} differed from a fresh download: it was damaged and has been replaced" in caplog.text
+    assert sorted(p.name for p in (tmp_path / "dl").iterdir()) == sorted([*PARTS, ZIP_NAME, f"{ZIP_NAME}.md5ok"])
+
+
+def test_damaged_volume_on_the_server_named_after_one_download_more(server, dataset, tmp_path):
+    server.routes[f"/aerial/{PARTS[2]}"].data = _damaged(dataset["volumes"][2])
+    with pytest.raises(InriaError) as err:
+        fetch_city("austin", [1], _cfg(server, dataset, tmp_path), tmp_path / "out")
+    message = str(err.value)
+    assert message.startswith(f"{tmp_path / 'dl'}: the 7z archive is damaged (")
+    assert "Error" in message.split("(", 1)[1]  # py7zr's own error (CRC or LZMA), not a bare traceback
+    assert f"Each volume ({', '.join(PARTS)}) was downloaded again once, and the copies here now equal" in message
+    assert "the damage is in the server's copy" in message and "set inria.root to the zip" in message
+    assert _gets(server) == {f"/aerial/{p}": 2 for p in PARTS}  # each downloaded again exactly once
+    assert sorted(p.name for p in (tmp_path / "dl").iterdir()) == sorted(PARTS)  # no zip, no half copies
+    assert not (tmp_path / "out").exists()
+
+
+def test_first_volume_checked_on_arrival(server, dataset, tmp_path):
+    route = server.routes[f"/aerial/{PARTS[0]}"]
+    junk = b"<html>busy</html>".ljust(len(dataset["volumes"][0]), b" ")  # the right size, not a 7z
+    route.script.append(Reply(status=200, body=junk))
+    out = tmp_path / "out"
+    _check_copies(fetch_city("austin", [2], _cfg(server, dataset, tmp_path), out), dataset, "austin", [2], out)
+    assert _gets(server)[f"/aerial/{PARTS[0]}"] == 2
+    route.script.extend([Reply(status=200, body=junk)] * 2)
+    other = tmp_path / "other"
+    with pytest.raises(InriaError, match=rf"{PARTS[0]}: it does not start with the 7z signature .* twice in a row"):
+        fetch_city("austin", [2], _cfg(server, dataset, other), other / "out")
+    assert not (other / "dl" / PARTS[0]).exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 import urllib.parse
 
@@ -222,3 +223,50 @@ def test_build_query_order():
 def test_config_rejects_bad_date():
     with pytest.raises(ConfigError, match="date '2024-01-01' must look like"):
         from_dict(OsmConfig, {"date": "2024-01-01"}, "params.yaml: osm")
+
+
+def test_answers_cached_per_query_and_date(overpass, tile, tmp_path):
+    cache = tmp_path / "cache"
+    _script(overpass, _json(_answer()), _json(_answer()))
+    first, again = tmp_path / "a.gpkg", tmp_path / "b.gpkg"
+    assert fetch_tile_buildings(tile, _cfg(overpass, cache_dir=str(cache)), first) == 3
+    patient = OsmConfig(endpoint=overpass.url("/api/interpreter"), date=DATE, timeout_s=99, cache_dir=str(cache))
+    assert fetch_tile_buildings(tile, patient, again) == 3
+    assert len(overpass.requests) == 1  # the server-side timeout is not part of the key
+    assert again.read_bytes() == first.read_bytes()  # the same bytes from the cache
+    (cached,) = cache.iterdir()
+    assert cached.read_bytes() == json.dumps(_answer()).encode()  # the answer as it came
+    older = OsmConfig(endpoint=patient.endpoint, date="2020-01-01T00:00:00Z", cache_dir=str(cache), backoff_s=0)
+    fetch_tile_buildings(tile, older, tmp_path / "c.gpkg")
+    assert len(overpass.requests) == 2 and len(list(cache.iterdir())) == 2  # another snapshot, another query
+
+
+def test_cached_answer_with_too_few_buildings_is_asked_again(overpass, tile, tmp_path):
+    _script(overpass, _json({"elements": []}), _json(_answer()))
+    cfg = _cfg(overpass, cache_dir=str(tmp_path / "cache"))
+    assert fetch_tile_buildings(tile, cfg, tmp_path / "a.gpkg") == 0  # accepted when 0 is enough
+    assert fetch_tile_buildings(tile, cfg, tmp_path / "b.gpkg", min_expected=1) == 3
+    assert len(overpass.requests) == 2
+
+
+def test_failed_answer_not_cached(overpass, tile, tmp_path):
+    _script(overpass, Reply(status=200, body=b"<html>rate limited</html>"), _json(_answer()))
+    cfg = _cfg(overpass, cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(OverpassError):
+        fetch_tile_buildings(tile, cfg, tmp_path / "a.gpkg")
+    assert not (tmp_path / "cache").exists()
+    assert fetch_tile_buildings(tile, cfg, tmp_path / "a.gpkg") == 3
+
+
+def test_ways_without_coordinates_counted_apart(caplog):
+    elements = _answer()["elements"]
+    square = elements[0]["geometry"]
+    elements += [
+        {"type": "way", "id": 14, "tags": TAGS, "geometry": [None] * len(square)},  # closed, nodes missing
+        {"type": "way", "id": 15, "tags": TAGS},
+        {"type": "relation", "id": 6, "members": [{"type": "way", "role": "outer", "geometry": None}]},
+    ]
+    with caplog.at_level(logging.INFO, logger="cadalign.sources.osm"):
+        assert len(parse_overpass({"elements": elements}, "src")) == 3
+    assert "src: skipped 1 OSM elements that are not closed polygons" in caplog.text  # way 12 alone
+    assert "src: skipped 3 OSM elements without inline coordinates" in caplog.text

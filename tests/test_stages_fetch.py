@@ -8,6 +8,7 @@ served as five split 7z volumes; a fake Overpass answers with the same buildings
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -21,11 +22,12 @@ import pytest
 import rasterio
 import shapely
 import shapely.affinity
+import yaml
 from affine import Affine
 from pyproj import Transformer
 from rasterio import features
 
-from cadalign.config import ConfigError
+from cadalign.config import SOURCES, ConfigError
 from cadalign.geo.polygons import read_polygons, to_pixels
 from cadalign.geo.tiles import read_band, write_geotiff
 from cadalign.sources import http
@@ -33,7 +35,7 @@ from cadalign.sources.inria import PARTS, ZIP_NAME, InriaError
 from cadalign.sources.osm import OverpassError
 from cadalign.stages import fetch, measure
 from conftest import TINY_STUDY_PARAMS, make_dvc_project
-from servers import LocalServer, Route, serve_volumes, seven_zip, split_bytes
+from servers import LocalServer, Reply, Route, serve_volumes, seven_zip, split_bytes
 
 EPSG = 32614  # UTM 14N, where Austin is
 SIZE = 64
@@ -275,10 +277,17 @@ def test_dvc_repro_inria_city(tmp_path, server, dataset, monkeypatch):
     assert sorted(p.name for p in city_dir.iterdir()) == ["gt", "images", "osm", "polygons"]
     labels = proj / "data" / "labels" / "round0" / "austin"
     assert sorted(p.name for p in labels.iterdir()) == ["austin1.gpkg", "austin2.gpkg"]
-    lock = (proj / "dvc.lock").read_text()
-    assert "inria:" in lock and "endpoint:" in lock  # the whole inria section is a tracked param
+    tracked = yaml.safe_load((proj / "dvc.lock").read_text())["stages"]["fetch@austin"]["params"]["params.yaml"]
+    assert tracked["inria"]["osm"]["date"] == DATE and "download" not in tracked  # the data keys, not the how
     n_requests = len(server.requests)
     assert "didn't change" in dvc("repro", "misalign")
+    text = (proj / "params.yaml").read_text()
+    how = text.replace("retries: 1", "retries: 4").replace("timeout_s: 10", "timeout_s: 30")
+    (proj / "params.yaml").write_text(how.replace(str(tmp_path / "overpass"), str(tmp_path / "cache2")))
+    assert "didn't change" in dvc("repro", "misalign")  # retries, timeouts, folders refetch nothing
+    (proj / "params.yaml").write_text(text.replace(DATE, "2023-01-01T00:00:00Z"))
+    assert "fetch@austin" in dvc("status")  # another OSM snapshot is other data
+    (proj / "params.yaml").write_text(text)
     assert len(server.requests) == n_requests
     dvc("repro", "draw", "measure@osm")
     for k in range(4):
@@ -288,3 +297,45 @@ def test_dvc_repro_inria_city(tmp_path, server, dataset, monkeypatch):
     assert osm["median_offset_px"] == pytest.approx(np.hypot(*OSM_SHIFT))  # the fake OSM shift
     assert (proj / "data" / "figures" / "overlay.png").read_bytes()[:4] == b"\x89PNG"
     assert len(server.requests) == n_requests  # training and evaluation never touch the network
+
+
+def _queries(server: LocalServer) -> list[str]:
+    return [urllib.parse.parse_qs(r.body.decode())["data"][0] for r in server.requests_to("/api/interpreter")]
+
+
+def test_reset_mid_city_then_rerun_asks_only_the_missing_tiles(tmp_path, server, dataset):
+    # tile 1 answers, tile 2's answer is cut by a reset on both attempts (download.overpass.retries = 1)
+    cut = [Reply(cut_after=10, reset=True), Reply(cut_after=10, reset=True)]
+    server.routes["/api/interpreter"].script.extend([Reply(), *cut])
+    params = _params(tmp_path, server, dataset, "  austin: {source: inria, tiles: [1, 2, 3]}")
+    out = tmp_path / "data" / "cities" / "austin"
+    with pytest.raises(http.DownloadError, match="/api/interpreter: giving up after 2 attempts"):
+        _run(params, "austin", out)
+    assert not out.exists()
+    first = _queries(server)
+    assert len(first) == 3 and first[1] == first[2] != first[0]
+    n_get = sum(r.method == "GET" for r in server.requests)
+    _run(params, "austin", out)
+    second = _queries(server)[3:]
+    assert len(second) == 2 and second[0] == first[1] and first[0] not in second  # tiles 2 and 3 only
+    assert sum(r.method == "GET" for r in server.requests) == n_get  # the verified zip is reused
+    # another run, into another folder, takes every tile from the cache and writes the same bytes
+    again = tmp_path / "again" / "austin"
+    _run(params, "austin", again)
+    assert len(_queries(server)) == 5
+    files = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
+    assert len(files) == 12 and files == sorted(p.relative_to(again) for p in again.rglob("*") if p.is_file())
+    assert all((out / f).read_bytes() == (again / f).read_bytes() for f in files)
+
+
+def test_fetch_params_are_the_keys_that_change_the_data():
+    """dvc.yaml tracks the section of the city's source; the only other section the stage reads is
+    `download` (how, not what), so a retry count or a folder refetches nothing."""
+    repo = Path(__file__).resolve().parents[1]
+    stage = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]["fetch"]["do"]
+    assert stage["params"] == ["cities.${key}", "${item.source}"]
+    read = set(re.findall(r"load_section\([^,]+,\s*\"(\w+)\"", Path(fetch.__file__).read_text()))
+    assert read - set(SOURCES) == {"download"}
+    operational = {"retries", "backoff_s", "timeout_s", "download_dir", "dir", "cache", "base_url", "parts"}
+    data_keys = {f.name for cls in (fetch.InriaSourceConfig, fetch.OsmSourceConfig) for f in dataclasses.fields(cls)}
+    assert not data_keys & operational
