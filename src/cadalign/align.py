@@ -28,8 +28,9 @@ vertex order and so ids are kept).
 
 from __future__ import annotations
 
-import logging
+import contextlib
 import functools
+import logging
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ from scipy import ndimage
 from torch import nn
 from tqdm import tqdm
 
+from cadalign.local_norm import local_statistics
 from cadalign.noise import sample_field
 from cadalign.precision import autocast, autocast_dtype
 from cadalign.raster import EDGE, downsample_image, rasterize_polygons, scale_geoms
@@ -89,6 +91,10 @@ class AlignConfig:
     # torch.compile the forward pass (one compilation per window shape, shared by the
     # networks of one architecture); eager otherwise.
     compile: bool = False
+    # GroupNorm statistics: "window", over the window the network runs on; an output size O,
+    # each pixel normalised with those of the O px window centred on it (the training
+    # patches' size), so large windows give the fields of small ones (cadalign.local_norm).
+    norm_window: int | Literal["window"] = "window"
 
     def validate(self) -> None:
         """Check value ranges.
@@ -115,6 +121,8 @@ class AlignConfig:
             raise ValueError(f"symmetries={self.symmetries} must be 1, 2, 4 or 8")
         if not self.smooth_px >= 0:
             raise ValueError(f"smooth_px={self.smooth_px} must be >= 0 px (0: no smoothing)")
+        if self.norm_window != "window" and not (isinstance(self.norm_window, int) and self.norm_window >= 1):
+            raise ValueError(f"norm_window={self.norm_window!r} must be 'window' or an output size >= 1 px")
 
     @property
     def stride(self) -> int:
@@ -447,21 +455,25 @@ def predict_field(
     limits = WindowLimits() if limits is None else limits
     was_training = model.training
     model.to(device).eval()
+    stats = contextlib.nullcontext()
+    if cfg.norm_window != "window":
+        stats = local_statistics(model, _window_sizes(model, cfg.norm_window)[0])
     try:
-        while True:
-            size_out, overlap = _plan(model, cfg, limits, *image.shape[:2])
-            try:
-                return _predict_windows(model, image, geoms, device, cfg, (size_out, overlap), limits)
-            except _WindowTooLarge:
-                smaller = _valid_output(model, size_out // 2)
-                if size_out // 2 < _MIN_OOM_WINDOW or smaller >= size_out:
-                    raise torch.OutOfMemoryError(
-                        f"one window of {size_out} px does not fit the device's memory; lower "
-                        "realign.window.output_size or run on a larger device (realign.device)"
-                    ) from None
-                logger.warning("out of memory with one %d px window per batch: retrying with %d px windows", size_out, smaller)
-                # a quarter of the memory per window: the batch may grow again
-                limits.output_size, limits.batch_size = smaller, None
+        with stats:
+            while True:
+                size_out, overlap = _plan(model, cfg, limits, *image.shape[:2])
+                try:
+                    return _predict_windows(model, image, geoms, device, cfg, (size_out, overlap), limits)
+                except _WindowTooLarge:
+                    smaller = _valid_output(model, size_out // 2)
+                    if size_out // 2 < _MIN_OOM_WINDOW or smaller >= size_out:
+                        raise torch.OutOfMemoryError(
+                            f"one window of {size_out} px does not fit the device's memory; lower "
+                            "realign.window.output_size or run on a larger device (realign.device)"
+                        ) from None
+                    logger.warning("out of memory with one %d px window per batch: retrying with %d px windows", size_out, smaller)
+                    # a quarter of the memory per window: the batch may grow again
+                    limits.output_size, limits.batch_size = smaller, None
     finally:
         model.train(was_training)
 
