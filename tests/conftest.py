@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,6 +18,20 @@ import torch
 from studies import similarity_study as _similarity_study
 from studies import train_study as _train_study
 from studies import write_tiny_city
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark ``faults`` the tests the fault corpus of issue 26 names (tests/faults/test_fault_corpus.py)."""
+    corpus = sys.modules.get("test_fault_corpus")
+    if corpus is None:  # the corpus module itself was not collected
+        path = Path(__file__).parent / "faults" / "test_fault_corpus.py"
+        spec = importlib.util.spec_from_file_location("test_fault_corpus", path)
+        corpus = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(corpus)
+    named = {f"tests/{test}" for test in corpus.node_ids()}
+    for item in items:
+        if item.nodeid.split("[")[0] in named or item.nodeid.startswith("tests/faults/"):
+            item.add_marker(pytest.mark.faults)
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -41,11 +41,11 @@ def test_dvc_repro_whole_study(tmp_path, monkeypatch) -> None:
     assert headline["median_px"] == round3["median_error_px"] and headline["auc"] == round3["auc"]
     for fig in ("accuracy.png", "overlay.png"):
         assert (proj / "data" / "figures" / fig).read_bytes()[:4] == b"\x89PNG"
-    assert sorted(p.name for p in (proj / "data" / "models" / "round2").iterdir()) == ["ds1.pt", "ds2.pt"]
+    assert sorted(p.name for p in (proj / "data" / "models" / "round2").iterdir()) == ["ds1.pt", "ds2.pt", "manifest.json"]
     # train.round_factors: round 3 has the ds-2 network alone (realign@round3 uses what the round wrote)
-    assert [p.name for p in (proj / "data" / "models" / "round3").iterdir()] == ["ds2.pt"]
+    assert sorted(p.name for p in (proj / "data" / "models" / "round3").iterdir()) == ["ds2.pt", "manifest.json"]
     # train.grow: round 1 starts from the coarsest network only
-    assert [p.name for p in (proj / "data" / "models" / "round0").iterdir()] == ["ds2.pt"]
+    assert sorted(p.name for p in (proj / "data" / "models" / "round0").iterdir()) == ["ds2.pt", "manifest.json"]
     changes = json.loads((proj / "data" / "changes" / "metrics.json").read_text())
     assert list(changes) == ["round0_to_round1", "round1_to_round2", "round2_to_round3"]
     assert all(c["ci95_low_px"] <= c["median_change_px"] <= c["ci95_high_px"] for c in changes.values())

@@ -94,7 +94,7 @@ def test_patch_set_is_the_same_for_two_label_sets(similarity_study: dict[str, Pa
 
 def test_stage_outputs_equal_brute_force(similarity_study: dict[str, Path]) -> None:
     out = similarity_study["out1"]
-    files = {"counts.csv", "metrics.json", "query_hist.csv", "neighbours.csv"}
+    files = {"counts.csv", "metrics.json", "query_hist.csv", "neighbours.csv", "manifest.json"}
     files |= {"ns_hist.png", "neighbours.png", "explanation.csv", "explanation.png"}
     assert {p.name for p in out.iterdir()} == files
     rows = read_rows(out / "counts.csv")

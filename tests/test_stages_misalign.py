@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ import rasterio
 import shapely
 
 from cadalign.config import ConfigError
-from cadalign.geo.polygons import read_polygons, to_pixels
+from cadalign.geo.polygons import PolygonError, read_polygons, to_pixels
 from cadalign.geo.tiles import read_info
 from cadalign.noise import sample_field
 from cadalign.stages import evaluate as evaluate_stage
@@ -38,7 +39,7 @@ def run_misalign(tmp_path: Path, city_dir: Path, params: Path) -> dict[str, Path
 
 def test_misalign_then_evaluate_matches_field(tmp_path: Path, tiny_city: Path) -> None:
     out = run_misalign(tmp_path, tiny_city, write_params(tmp_path))
-    assert sorted(p.name for p in out["labels"].iterdir()) == ["tinytown1.gpkg", "tinytown2.gpkg"]
+    assert sorted(p.name for p in out["labels"].glob("*.gpkg")) == ["tinytown1.gpkg", "tinytown2.gpkg"]
     metrics_path, curve_path = tmp_path / "eval" / "metrics.json", tmp_path / "eval" / "acc.csv"
     evaluate_stage.main(
         ["--params", str(tmp_path / "params.yaml"), "--name", "round0", "--cities-dir", str(tiny_city.parent), "--truth", str(tmp_path / "truth"),
@@ -99,14 +100,16 @@ def test_missing_labels_named(tmp_path: Path, tiny_city: Path) -> None:
         )
 
 
-def test_tile_outside_polygons_are_dropped(tmp_path: Path, tiny_city: Path) -> None:
-    # a tile whose polygons all fall outside: moved far away by rewriting tile 2's georeferencing
+def test_a_tile_whose_polygons_all_fall_outside_is_refused(tmp_path: Path, tiny_city: Path) -> None:
+    """Polygons fetched for a tile that all miss it point to a CRS mistake (issue 26 item 7), not
+    to a tile without buildings: moved far away by rewriting tile 2's georeferencing."""
     with rasterio.open(tiny_city / "images" / "tinytown2.tif", "r+") as dst:
         t = dst.transform
         dst.transform = rasterio.Affine(t.a, t.b, t.c + 10000.0, t.d, t.e, t.f)
-    out = run_misalign(tmp_path, tiny_city, write_params(tmp_path))
-    assert len(read_polygons(out["truth"] / "tinytown2.gpkg")) == 0
-    assert len(read_polygons(out["truth"] / "tinytown1.gpkg")) == 4
+    polygons = tiny_city / "polygons" / "tinytown2.gpkg"
+    with pytest.raises(PolygonError, match=re.escape(f"{polygons}: none of its 4 polygons falls inside its tile; their CRS is EPSG:4326, the tile's EPSG:32631")):
+        run_misalign(tmp_path, tiny_city, write_params(tmp_path))
+    assert not (tmp_path / "truth" / "tinytown").exists()
 
 
 def test_renoise_adds_a_second_field(tmp_path: Path, tiny_city: Path) -> None:

@@ -23,7 +23,7 @@ from cadalign.train import load_model
 
 def test_train_writes_one_network_per_factor_and_a_loss_log(train_study: dict[str, Path]) -> None:
     run_train(train_study)
-    assert sorted(f.name for f in train_study["models"].iterdir()) == ["ds1.pt", "ds2.pt"]
+    assert sorted(f.name for f in train_study["models"].iterdir()) == ["ds1.pt", "ds2.pt", "manifest.json"]
     net = load_model(train_study["models"] / "ds2.pt")
     assert net.cfg.image_widths == (4, 8)
     rows = train_study["log"].read_text().splitlines()
@@ -148,6 +148,9 @@ def test_warm_start_needs_matching_networks(warm: dict[str, Path]) -> None:
     warm["params"].write_text(wider)
     initialize.main(["--params", str(warm["params"]), "--out", str(warm["init"])])
     warm["params"].write_text(wider.replace("image_widths: [6, 8]", "image_widths: [4, 8]"))
+    with pytest.raises(ValueError, match=r"manifest.json: the networks in .*train.model.image_widths was \[6, 8\], is \[4, 8\]"):
+        run_train(warm, init=warm["init"])
+    (warm["init"] / "manifest.json").unlink()  # networks of one's own: each file's settings are checked
     with pytest.raises(ValueError, match=r"ds2.pt was made with other train.model settings"):
         run_train(warm, init=warm["init"])
     (warm["init"] / "ds2.pt").unlink()

@@ -9,11 +9,17 @@ renames-or-deletes: the old one is renamed aside (``.<name>.aside``), the new on
 then the old one deleted. A kill between the first two leaves the old one aside: the next
 write of the same path renames it back before it starts (and deletes an aside left after the
 second step), so no output is ever lost. One writer per path at a time.
+
+A write that fails on a full disk raises ``OSError(ENOSPC)`` naming the path, whatever the
+writer reported: GDAL's GeoPackage driver, for one, says "no such table: gpkg_contents" when
+SQLite could not write its tables. A failure is taken for a full disk when its cause is
+ENOSPC or when the disk has less than :data:`FULL_BYTES` free at that moment.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import json
 import logging
@@ -26,6 +32,9 @@ from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger(__name__)
+
+FULL_BYTES = 1 << 20
+"""Free bytes under which a failed write is reported as a full disk (the writer's own error is chained)."""
 
 
 @contextlib.contextmanager
@@ -56,8 +65,14 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
                 raise
         else:
             os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
+        full = isinstance(err, Exception) and _disk_full(err, path.parent)  # before the partial file is freed
         _remove(tmp)
+        if full:
+            raise OSError(
+                errno.ENOSPC, f"no space left on device writing {path}; free space there and rerun (the writer said: {err})",
+                str(path),
+            ) from err
         raise
     if aside.exists():
         try:
@@ -65,6 +80,23 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         except OSError as err:  # the new output is in place: the next write removes the old one
             logger.warning("could not remove %s, the previous %s (%s); the next write retries", aside, path, err)
     _remove_leftovers(path, started)
+
+
+def _disk_full(err: BaseException, folder: Path) -> bool:
+    """Whether the failed write ``err`` ran out of disk: ENOSPC in its chain of causes, or
+    under :data:`FULL_BYTES` left free on ``folder``'s file system (False for the error of a
+    nested write that already said so)."""
+    if isinstance(err, OSError) and str(err.strerror).startswith("no space left on device writing"):
+        return False  # a nested write already named its path
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    try:
+        return shutil.disk_usage(folder).free < FULL_BYTES
+    except OSError:
+        return False
 
 
 def _aside(path: Path) -> Path:

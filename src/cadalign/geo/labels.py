@@ -56,7 +56,7 @@ def load_labelled_tiles(cities_dir: Path, labels_dir: Path, cities: Sequence[str
     for path in label_files(labels_dir, cities):
         city, name = path.parent.name, path.stem
         tile = read_tile(Path(cities_dir) / city / "images" / f"{name}.tif")
-        geoms, ids = to_pixels(read_polygons(path), tile.info.transform, tile.info.crs)
+        geoms, ids = to_pixels(read_polygons(path), tile.info.transform, tile.info.crs, where=str(path))
         if len(geoms) == 0:
             logger.warning("%s: no polygon in this tile's labels", path)
         out.append(LabelledTile(city=city, name=name, tile=tile, geoms=geoms, ids=ids))

@@ -46,6 +46,7 @@ class CleanStats:
     n_repaired: int
     n_outside: int
     n_not_polygonal: int
+    n_empty: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return {
@@ -54,6 +55,7 @@ class CleanStats:
             "polygons_repaired": self.n_repaired,
             "polygons_outside_tile": self.n_outside,
             "polygons_not_polygonal": self.n_not_polygonal,
+            "polygons_empty": self.n_empty,
         }
 
 
@@ -71,6 +73,8 @@ def read_polygons(path: str | Path) -> gpd.GeoDataFrame:
         gdf = gpd.read_file(path)
     except (pyogrio.errors.DataSourceError, pyogrio.errors.DataLayerError) as err:
         raise PolygonError(f"{path}: not a readable vector file: {err}; delete it and rerun its stage") from err
+    check_finite(gdf.geometry.values, gdf[ID_COLUMN].to_numpy() if ID_COLUMN in gdf.columns else np.arange(len(gdf)),
+                 f"{path}", "fix or drop them in the file")
     if gdf.crs is None:
         raise PolygonError(
             f"{path}: the polygons have no CRS; assign the right one "
@@ -113,6 +117,43 @@ def _gpkg_timestamp() -> Iterator[None]:
         pyogrio.set_gdal_config_options({"OGR_CURRENT_DATE": before})
 
 
+def check_finite(geoms: np.ndarray, ids: np.ndarray, where: str, fix: str) -> None:
+    """Refuse geometries with a NaN or infinite coordinate (GEOS and the metrics would carry
+    them on silently), naming ``where``, the first building ids and ``fix``.
+
+    Raises:
+        PolygonError: if any coordinate is not finite.
+    """
+    coords, index = shapely.get_coordinates(np.asarray(geoms, dtype=object), return_index=True)
+    bad = np.unique(index[~np.isfinite(coords).all(axis=1)])
+    if len(bad):
+        first = ", ".join(str(i) for i in np.asarray(ids)[bad[:5]])
+        raise PolygonError(
+            f"{where}: {len(bad)} polygon(s) with NaN or infinite coordinates (building ids {first}"
+            f"{', ...' if len(bad) > 5 else ''}); {fix}"
+        )
+
+
+def check_some_inside(stats: CleanStats, where: str, polygons_crs: object, tile_crs: object) -> None:
+    """Refuse a tile's polygons of which none with an area falls inside the tile.
+
+    They were fetched for the tile's box, so none inside is a wrongly declared CRS rather than
+    a tile without buildings (which has no polygon at all).
+
+    Raises:
+        PolygonError: naming ``where`` and the two CRSs.
+    """
+    if stats.n_outside and not stats.n_kept:
+        raise PolygonError(_crs_mistake(where, f"none of its {stats.n_input} polygons falls inside its tile", polygons_crs, tile_crs))
+
+
+def _crs_mistake(where: str, what: str, polygons_crs: object, tile_crs: object) -> str:
+    return (
+        f"{where}: {what}; their CRS is {polygons_crs}, the tile's {tile_crs}: the polygons' CRS is likely declared "
+        "wrongly; declare the right one (e.g. ogr2ogr -a_srs EPSG:<code> out.gpkg in.gpkg) and rerun"
+    )
+
+
 def geometry_array(geoms: list) -> np.ndarray:
     """A 1-D object array of geometries (safe for multi-part geometries and empty lists)."""
     out = np.empty(len(geoms), dtype=object)
@@ -129,15 +170,23 @@ def _affine_fn(transform: Affine):
     return apply
 
 
-def to_pixels(gdf: gpd.GeoDataFrame, transform: Affine, crs: CRS) -> tuple[np.ndarray, np.ndarray]:
+def to_pixels(
+    gdf: gpd.GeoDataFrame, transform: Affine, crs: CRS, where: str = "polygons"
+) -> tuple[np.ndarray, np.ndarray]:
     """Reproject polygons to the tile's CRS and express them in its pixel coordinates.
 
     Vertex order and structure are kept, so vertices stay comparable by index.
 
     Returns:
         (geoms, ids): shapely geometries in pixel coordinates and their int64 building ids.
+
+    Raises:
+        PolygonError: naming ``where`` and both CRSs, if a coordinate has no place in the
+            tile's CRS (e.g. metres declared as degrees).
     """
     projected = gdf.to_crs(crs.to_wkt() if isinstance(crs, CRS) else crs)
+    if not np.isfinite(shapely.get_coordinates(projected.geometry.values)).all():
+        raise PolygonError(_crs_mistake(where, "its polygons have no place in the tile's CRS", gdf.crs, crs))
     geoms = shapely.transform(np.asarray(projected.geometry.values, dtype=object), _affine_fn(~transform))
     return geoms, projected[ID_COLUMN].to_numpy(dtype=np.int64)
 
@@ -159,13 +208,14 @@ def _polygonal_part(geom: shapely.Geometry) -> shapely.Geometry | None:
 
 
 def clean_polygons(
-    geoms: np.ndarray, ids: np.ndarray, shape: tuple[int, int]
+    geoms: np.ndarray, ids: np.ndarray, shape: tuple[int, int], where: str = "polygons"
 ) -> tuple[np.ndarray, np.ndarray, CleanStats]:
     """Repair invalid polygons, clip them to the tile and drop what falls outside.
 
     Self-intersecting polygons are repaired with ``shapely.make_valid`` (only their polygonal
     part is kept); MultiPolygons and holes are kept; polygons entirely outside the tile box
-    ``[0, W] x [0, H]`` are dropped. Each case is counted.
+    ``[0, W] x [0, H]`` are dropped. Each case is counted; empty geometries and those without
+    area (points, lines, zero-area polygons) are dropped with a warning naming ``where``.
 
     Args:
         geoms: shapely geometries in pixel coordinates.
@@ -184,8 +234,11 @@ def clean_polygons(
     height, width = shape
     clipped = shapely.clip_by_rect(repaired, 0.0, 0.0, float(width), float(height))
     kept_geoms, kept_ids = [], []
+    empty = shapely.is_missing(geoms) | shapely.is_empty(geoms)
     n_outside = n_not_polygonal = 0
-    for geom, bid in zip(clipped, ids, strict=True):
+    for geom, bid, was_empty in zip(clipped, ids, empty, strict=True):
+        if was_empty:
+            continue
         if geom is None or geom.is_empty:
             n_outside += 1
             continue
@@ -201,7 +254,13 @@ def clean_polygons(
         n_repaired=int(invalid.sum()),
         n_outside=n_outside,
         n_not_polygonal=n_not_polygonal,
+        n_empty=int(empty.sum()),
     )
-    if stats.n_repaired or stats.n_outside or stats.n_not_polygonal:
-        logger.info("polygons: %s", stats.as_dict())
+    if stats.n_empty or stats.n_not_polygonal:
+        logger.warning(
+            "%s: dropped %d empty geometries and %d without area (points, lines, zero-area polygons) of %d",
+            where, stats.n_empty, stats.n_not_polygonal, stats.n_input,
+        )
+    if stats.n_repaired or stats.n_outside or stats.n_not_polygonal or stats.n_empty:
+        logger.info("%s: %s", where, stats.as_dict())
     return geometry_array(kept_geoms), np.array(kept_ids, dtype=np.int64), stats

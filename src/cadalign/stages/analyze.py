@@ -62,6 +62,7 @@ from cadalign.config import load_cities, load_section
 from cadalign.geo.labels import LabelledTile, load_labelled_tiles
 from cadalign.model import AlignNet
 from cadalign.plots import save_figure
+from cadalign.provenance import check_input, write_manifest
 from cadalign.raster import EDGE, downsample_image, rasterize_polygons, scale_geoms
 from cadalign.similarity import analysis, explain
 from cadalign.similarity.windows import cap_patches, tile_windows, vertices_per_window
@@ -592,6 +593,9 @@ def main(argv: list[str] | None = None) -> None:
     model = load_model(model_path, map_location=device)
     size, margin = _window_size(model, cfg.patch_size)
     cities = sorted(load_cities(args.params))
+    recorded = [check_input(args.params, args.models, "networks")] + [
+        check_input(args.params, folder, "labels", cities) for folder in (args.labels, args.labels_after) if folder
+    ]
     truth = load_labelled_tiles(args.cities_dir, args.truth, cities)
     labels = load_labelled_tiles(args.cities_dir, args.labels, cities)
     edge_width = train_cfg.patches.edge_width
@@ -671,6 +675,7 @@ def main(argv: list[str] | None = None) -> None:
                 metrics["explain_slope"] = grad["slope"]
             header = {"round": args.round, "output": cfg.output, "device": str(device)}
             write_json(tmp / "metrics.json", {**header, **metrics})
+            write_manifest(tmp, args.params, "analyze", args.round, recorded, cities=cities)
         run.log_metrics(metrics)
         for name in ("ns_hist.png", "neighbours.png", "explanation.png"):
             if (args.out / name).is_file():

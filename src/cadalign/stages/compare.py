@@ -41,6 +41,7 @@ import numpy as np
 from cadalign.atomic import atomic_path, write_json
 from cadalign.plots import ROUND_COLOURS, save_figure
 from cadalign.similarity.explain import paired_median_change
+from cadalign.provenance import check_input
 from cadalign.settings.rounds import label_sets
 from cadalign.stages.common import setup_logging
 from cadalign.tracking import stage_run
@@ -294,6 +295,8 @@ def main(argv: list[str] | None = None) -> None:
     names = [name for name, _ in args.rounds]
     if len(set(names)) != len(names):
         parser.error(f"round names repeat: {names}")
+    for _, folder in args.rounds if args.similarity_dir is not None else ():  # --params names the study
+        check_input(args.params, folder, "similarity analysis")
     rounds = {name: load_round(folder) for name, folder in args.rounds}
     check_same_patches(rounds)
     first = rounds[names[0]]

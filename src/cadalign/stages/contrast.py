@@ -25,6 +25,7 @@ import numpy as np
 from cadalign import evaluate
 from cadalign.atomic import write_json
 from cadalign.config import load_section
+from cadalign.provenance import check_input
 from cadalign.settings.rounds import label_sets
 from cadalign.stages.common import make_parser, name_path_pairs, setup_logging
 from cadalign.tracking import stage_run
@@ -86,6 +87,8 @@ def main(argv: list[str] | None = None) -> None:
         paths = name_path_pairs(args.errors, "--errors")
     if len(paths) < 2:
         raise ValueError(f"--errors names {len(paths)} label set(s); give at least two, e.g. round0=... round1=...")
+    for path in paths.values():
+        check_input(args.params, path.parent, "per-vertex errors")
     with stage_run("contrast", {"evaluate": dataclasses.asdict(cfg), "label_sets": list(paths)}) as run:
         tables = {name: evaluate.read_vertex_table(path) for name, path in paths.items()}
         check_same_vertices(tables, paths)

@@ -26,6 +26,7 @@ from cadalign.config import load_section
 from cadalign.geo.polygons import read_polygons, to_pixels
 from cadalign.geo.tiles import read_tile
 from cadalign.plots import ROUND_COLOURS, plot_accuracy_curves, plot_overlay
+from cadalign.provenance import check_input
 from cadalign.settings.rounds import label_sets
 from cadalign.stages.common import make_parser, name_path_pairs, setup_logging
 from cadalign.tracking import stage_run
@@ -105,6 +106,10 @@ def main(argv: list[str] | None = None) -> None:
     with stage_run("draw", {"draw": dataclasses.asdict(cfg)}) as run:
         tile_path = find_tile(args.cities_dir, cfg.tile)
         city = tile_path.parent.parent.name
+        for folder in labels.values():
+            check_input(args.params, folder, "labels", [city])
+        for path in curves.values():
+            check_input(args.params, path.parent, "accuracy curve")
         tile = read_tile(tile_path)
         layers = {}
         for name, folder in labels.items():

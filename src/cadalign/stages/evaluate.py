@@ -35,6 +35,7 @@ from cadalign.geo.labels import label_files
 from cadalign.geo.mask_metric import label_offsets, summarize_by_city
 from cadalign.geo.polygons import read_polygons, to_pixels
 from cadalign.geo.tiles import read_info
+from cadalign.provenance import check_input, write_manifest
 from cadalign.stages.common import make_parser, setup_logging
 from cadalign.tracking import stage_run
 
@@ -107,6 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     params = {"labels": str(args.labels), "name": args.name, "evaluate": dataclasses.asdict(cfg)}
     with stage_run(f"evaluate@{args.name}", params) as run:
         cities = sorted(load_cities(args.params))
+        recorded = check_input(args.params, args.labels, "labels", cities)
         table = vertex_table(args.cities_dir, args.truth, args.labels, cities)
         if len(table.error_px) == 0:
             raise ValueError(f"{args.labels}: the labels matched no true vertex (empty labels?); rerun the stage that writes them")
@@ -119,6 +121,7 @@ def main(argv: list[str] | None = None) -> None:
         write_json(args.metrics, metrics)
         write_text(args.curve, "tau,accuracy\n" + "".join(f"{t:.2f},{a:.6f}\n" for t, a in zip(taus, curve, strict=True)))
         write_text(args.errors, table.to_csv())
+        write_manifest(args.errors.parent, args.params, "evaluate", args.name, [recorded], cities=cities)
         run.log_metrics(metrics)
         run.log_artifact(args.curve)
         logger.info(

@@ -23,6 +23,7 @@ import torch
 from cadalign.atomic import atomic_path
 from cadalign.config import ConfigError, load_section, read_params
 from cadalign.model import AlignNet
+from cadalign.provenance import write_manifest
 from cadalign.stages.common import make_parser, setup_logging
 from cadalign.settings.train import TrainStageConfig, check_round_names, network_seed
 from cadalign.train import save_model
@@ -68,6 +69,7 @@ def main(argv: list[str] | None = None) -> None:
             torch.manual_seed(network_seed(cfg, 0, ds))
             save_model(AlignNet(cfg.model), tmp / f"ds{ds}.pt")
             logger.info("initial network ds=%d in %s", ds, args.out)
+        write_manifest(tmp, args.params, "initialize", "round0")
 
 
 if __name__ == "__main__":

@@ -29,8 +29,17 @@ import numpy as np
 from cadalign import noise
 from cadalign.atomic import atomic_path
 from cadalign.config import load_city, load_section
-from cadalign.geo.polygons import clean_polygons, from_pixels, read_polygons, to_pixels, write_polygons
+from cadalign.geo.polygons import (
+    check_finite,
+    check_some_inside,
+    clean_polygons,
+    from_pixels,
+    read_polygons,
+    to_pixels,
+    write_polygons,
+)
 from cadalign.geo.tiles import read_info, write_geotiff
+from cadalign.provenance import write_manifest
 from cadalign.stages.common import make_parser, setup_logging
 from cadalign.tracking import stage_run
 
@@ -77,8 +86,12 @@ def misalign_city(
     truth_out: Path,
     labels_out: Path,
     fields_out: Path,
+    params: Path | None = None,
 ) -> dict[str, float]:
-    """Misalign every tile of a city; returns counts and the mean field amplitude."""
+    """Misalign every tile of a city; returns counts and the mean field amplitude.
+
+    ``params``: params.yaml, whose keys the labels' manifest records (:mod:`cadalign.provenance`).
+    """
     totals: dict[str, float] = {}
     with contextlib.ExitStack() as stack:
         truth_tmp, labels_tmp, fields_tmp = (stack.enter_context(atomic_path(p)) for p in (truth_out, labels_out, fields_out))
@@ -87,9 +100,11 @@ def misalign_city(
         for number in tiles:
             name = f"{city}{number}"
             info = read_info(city_dir / "images" / f"{name}.tif")
-            gdf = read_polygons(city_dir / "polygons" / f"{name}.gpkg")
-            geoms, ids = to_pixels(gdf, info.transform, info.crs)
-            geoms, ids, stats = clean_polygons(geoms, ids, info.shape)
+            source = city_dir / "polygons" / f"{name}.gpkg"
+            gdf = read_polygons(source)
+            geoms, ids = to_pixels(gdf, info.transform, info.crs, where=str(source))
+            geoms, ids, stats = clean_polygons(geoms, ids, info.shape, where=str(source))
+            check_some_inside(stats, str(source), gdf.crs, info.crs)
             if len(geoms) == 0:
                 logger.warning("%s: no building inside the tile; it contributes no vertices", name)
             field = noise.random_displacement_field(
@@ -104,12 +119,15 @@ def misalign_city(
                 )
                 noisy = noise.misalign(noisy, extra)
                 field, bands = np.concatenate([field, extra]), bands + ("renoise_dx_px", "renoise_dy_px")
+            check_finite(noisy, ids, str(labels_out / f"{name}.gpkg"), "the noise field is not finite: check the noise section")
             write_polygons(truth_tmp / f"{name}.gpkg", *from_pixels(geoms, ids, info.transform, info.crs))
             write_polygons(labels_tmp / f"{name}.gpkg", *from_pixels(noisy, ids, info.transform, info.crs))
             write_geotiff(fields_tmp / f"{name}.tif", field, info.transform, info.crs, descriptions=bands)
             for key, value in stats.as_dict().items():
                 totals[key] = totals.get(key, 0) + value
             logger.info("%s: %d buildings misaligned (max %.1f px)", name, len(geoms), cfg.max_displacement)
+        if params is not None:
+            write_manifest(labels_tmp, params, "misalign", "round0", city=city)
     totals["tiles"] = len(tiles)
     return totals
 
@@ -126,7 +144,8 @@ def main(argv: list[str] | None = None) -> None:
     city = load_city(args.params, args.city)
     cfg = load_section(args.params, "noise", NoiseConfig)
     with stage_run(f"misalign@{args.city}", {"noise": dataclasses.asdict(cfg), "city": args.city}) as run:
-        counts = misalign_city(args.city, city.tiles, args.city_dir, cfg, args.truth_out, args.labels_out, args.fields_out)
+        counts = misalign_city(args.city, city.tiles, args.city_dir, cfg, args.truth_out, args.labels_out, args.fields_out,
+                               args.params)
         run.log_metrics(counts)
 
 

@@ -24,7 +24,8 @@ from cadalign.align import WindowLimits, realign
 from cadalign.atomic import atomic_path
 from cadalign.config import load_cities, load_section
 from cadalign.geo.labels import load_labelled_tiles
-from cadalign.geo.polygons import from_pixels, write_polygons
+from cadalign.geo.polygons import check_finite, from_pixels, write_polygons
+from cadalign.provenance import check_input, write_manifest
 from cadalign.settings.realign import RealignStageConfig
 from cadalign.stages.common import make_parser, resolve_device, setup_logging
 from cadalign.tracking import stage_run
@@ -60,8 +61,10 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging()
     cfg = load_section(args.params, "realign", RealignStageConfig)
     device = resolve_device(cfg.device, "realign.device")
+    cities = sorted(load_cities(args.params))
+    recorded = [check_input(args.params, args.labels, "labels", cities), check_input(args.params, args.models, "networks")]
     models = load_models(args.models, device)
-    tiles = load_labelled_tiles(args.cities_dir, args.labels, sorted(load_cities(args.params)))
+    tiles = load_labelled_tiles(args.cities_dir, args.labels, cities)
     with stage_run(f"realign@{args.round}", {"realign": dataclasses.asdict(cfg), "factors": sorted(models)}) as run:
         start = time.perf_counter()
         limits = WindowLimits()  # an out-of-memory error's smaller batch or window holds for the later tiles
@@ -69,8 +72,13 @@ def main(argv: list[str] | None = None) -> None:
             tmp.mkdir()
             for t in tiles:
                 moved = realign(models, t.tile.image, t.geoms, device, cfg.window, cfg.refine, limits) if len(t.geoms) else t.geoms
+                check_finite(
+                    moved, t.ids, str(args.out / t.city / f"{t.name}.gpkg"),
+                    f"the networks in {args.models} moved them there: retrain them (dvc repro train@{args.round})",
+                )
                 write_polygons(tmp / t.city / f"{t.name}.gpkg", *from_pixels(moved, t.ids, t.tile.info.transform, t.tile.info.crs))
                 logger.info("%s: %d buildings realigned", t.name, len(t.geoms))
+            write_manifest(tmp, args.params, "realign", args.round, recorded, cities=cities)
         run.log_metrics({"seconds": time.perf_counter() - start, "tiles": len(tiles)})
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from cadalign.atomic import write_json
+from cadalign.provenance import check_input
 from cadalign.settings.rounds import label_sets
 from cadalign.stages.common import make_parser, setup_logging
 from cadalign.tracking import StageRun, stage_run
@@ -103,6 +104,10 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging()
     rounds, names = label_sets(args.params)
     dirs = {"eval": args.eval_dir, "similarity": args.similarity_dir}
+    for name in names:
+        check_input(args.params, args.eval_dir / name, "evaluation")
+        if name in rounds:
+            check_input(args.params, args.similarity_dir / name, "similarity analysis")
     with stage_run("summarize", {"rounds": rounds}) as run:
         rows = {name: headline(name, dirs, has_network=name in rounds) for name in names}
         stale = sorted(p.stem for p in args.out.glob("*.json") if p.stem not in rows) if args.out.is_dir() else []

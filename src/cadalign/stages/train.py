@@ -48,6 +48,7 @@ from cadalign.config import load_cities, load_section
 from cadalign.geo.labels import label_files, load_labelled_tiles
 from cadalign.device_patches import DeviceSampler
 from cadalign.patches import PatchConfig, PatchDataset, TileData
+from cadalign.provenance import check_input, write_manifest
 from cadalign.stages.common import make_parser, setup_logging
 from cadalign.settings.realign import RealignStageConfig
 from cadalign.settings.train import TrainStageConfig, check_round_names, network_seed, patch_config
@@ -190,6 +191,9 @@ def main(argv: list[str] | None = None) -> None:
         raise ValueError(f"{args.params}: train.warm_start is true; pass --init <the previous round's networks>")
     window = load_section(args.params, "realign", RealignStageConfig).window if cfg.cascade else None
     cities = sorted(load_cities(args.params))
+    recorded = [check_input(args.params, args.labels, "labels", cities)]
+    if args.init is not None and args.init.is_dir():
+        recorded.append(check_input(args.params, args.init, "networks"))
     data = training_tiles(args.cities_dir, args.labels, cities)
     logger.info("%s: %d tiles, %d buildings", args.round, len(data), sum(len(t.labels) for t in data))
     round_index = int("".join(c for c in args.round if c.isdigit()) or 0)
@@ -235,6 +239,8 @@ def main(argv: list[str] | None = None) -> None:
                 trained.append(result["model"])
                 if window is not None and i + 1 < len(factors):
                     data = cascade_labels(data, result["model"], ds, window, result["device"])
+            if is_rank_zero():
+                write_manifest(out_tmp, args.params, "train", args.round, recorded, cities=cities)
         if is_rank_zero():
             write_text(args.log, "\n".join(rows) + "\n")
             run.log_artifact(args.log)
