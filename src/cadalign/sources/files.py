@@ -324,7 +324,7 @@ def write_city(
             f"{len(images)} files (tile n is the n-th of the sorted paths: {[str(p) for p in images[:5]]}"
             f"{' ...' if len(images) > 5 else ''}); use tile numbers 1..{len(images)}"
         )
-    masks = _masks_by_stem(city, name, images)
+    masks = _masks_by_stem(city, name, [images[n - 1] for n in city.tiles])
     buildings = read_buildings(Path(city.polygons), city.layer, name)
     tree = shapely.STRtree(np.asarray(buildings.geometry.values, dtype=object))
     used = np.zeros(len(buildings), dtype=bool)
@@ -373,7 +373,7 @@ def write_city(
 
 
 def _masks_by_stem(city: FilesCityConfig, name: str, images: list[Path]) -> dict[str, Path]:
-    """The mask of each image (same file name without extension), when masks are given."""
+    """The mask of each of ``images`` (same file name without extension), when masks are given."""
     if not _patterns(city.masks):
         return {}
     key = f"cities.{name}.masks"
