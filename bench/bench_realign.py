@@ -173,6 +173,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="new: most windows per forward pass")
     parser.add_argument("--repeats", type=int, default=2, help="interleaved timings of the ds-1 pass")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile of the new settings")
+    parser.add_argument(
+        "--norm-window", default="window", help="new: GroupNorm statistics, 'window' or an output size (64: the old windows')"
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -183,8 +186,16 @@ def main(argv: list[str] | None = None) -> None:
     common = dataclasses.replace(stage.window, progress=False, compile=False)
     old = dataclasses.replace(common, **OLD)
     size = args.output_size if args.output_size == "auto" else int(args.output_size)
+    norm_window = args.norm_window if args.norm_window == "window" else int(args.norm_window)
     new = dataclasses.replace(
-        common, output_size=size, overlap=args.overlap, lattice="fit", window="tukey", memory_mb=args.memory_mb, batch_size=args.batch_size
+        common,
+        output_size=size,
+        overlap=args.overlap,
+        lattice="fit",
+        window="tukey",
+        memory_mb=args.memory_mb,
+        batch_size=args.batch_size,
+        norm_window=norm_window,
     )
     models_dir = args.models or args.study / "models" / "round1"
     trained = not args.tiny and models_dir.is_dir() and any(models_dir.glob("ds*.pt"))
