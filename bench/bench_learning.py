@@ -34,7 +34,7 @@ from cadalign.config import load_cities, load_section
 from cadalign.patches import PatchDataset
 from cadalign.settings.train import TrainStageConfig, network_seed, patch_config
 from cadalign.stages.train import training_tiles
-from cadalign.train import load_model, resume_step, train
+from cadalign.train import load_model, train
 
 logger = logging.getLogger(__name__)
 
@@ -73,10 +73,10 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         ckpt, model_path = Path(tmp) / "net.ckpt", Path(tmp) / "net.pt"
         for end in range(args.every, args.steps + 1, args.every):
-            dataset = PatchDataset(data, pcfg, stream=resume_step(ckpt))
             optim = dataclasses.replace(cfg.optim, steps=end, seed=seed, checkpoint_every=args.every, num_workers=0)
             start = time.perf_counter()
-            result = train(cfg.model, cfg.loss, optim, dataset, ckpt, model_path)
+            # one stream: each segment resumes the sampler where the last one stopped (exact resume)
+            result = train(cfg.model, cfg.loss, optim, PatchDataset(data, pcfg), ckpt, model_path)
             speed = args.every * optim.batch_size / (time.perf_counter() - start)
             net = load_model(model_path)
             with torch.no_grad():
