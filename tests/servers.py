@@ -194,8 +194,8 @@ def serve_volumes(server: LocalServer, parts: list[str], volumes: list[bytes], p
 
 
 @contextlib.contextmanager
-def mlflow_server(backend_uri: str, timeout: float = 120.0) -> Iterator[str]:
-    """A real ``mlflow server`` on 127.0.0.1 over ``backend_uri``; yields its base URL.
+def mlflow_server(backend_uri: str, timeout: float = 120.0, extra: tuple[str, ...] = ()) -> Iterator[str]:
+    """A real ``mlflow server`` on 127.0.0.1 over ``backend_uri`` (``extra``: more options); yields its base URL.
 
     Started as a subprocess (one worker), polled on ``/health`` until it answers, stopped on exit.
     """
@@ -205,7 +205,7 @@ def mlflow_server(backend_uri: str, timeout: float = 120.0) -> Iterator[str]:
     log = tempfile.TemporaryFile()
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri,
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1", *extra],
         stdout=log, stderr=subprocess.STDOUT,
     )
     base = f"http://127.0.0.1:{port}"

@@ -15,7 +15,9 @@ DIR). Each must match one rule of :data:`RULES`, which says how it runs here:
 - ``pip install``: the pinned packages and the extras are those of pyproject.toml;
 - ``pytest``: the suite is collected; ``python -m cadalign.presets show|list`` runs as it is,
   any other ``python -m cadalign.X``, ``python bench/X.py``, ``bench/X.sh`` and ``mlflow ui``
-  run with ``--help``, which must list every option the command uses.
+  run with ``--help``, which must list every option the command uses;
+- ``dvc remote add``, ``dvc push``, ``dvc pull``, ``dvc status`` and ``mlflow server`` (docs/team.md)
+  run with ``--help`` likewise; tests/test_team.py runs them against servers on 127.0.0.1.
 
 A command no rule matches fails the test: new docs cannot add an untested command.
 """
@@ -206,6 +208,10 @@ def check_mlflow_ui(cmd: Command, study: Study, tmp: Path) -> None:
     check_help(["mlflow", "ui"], options(cmd.argv))
 
 
+def check_team(cmd: Command, study: Study, tmp: Path) -> None:
+    check_help(list(cmd.argv[: 3 if cmd.argv[1] == "remote" else 2]), options(cmd.argv))
+
+
 def _is(*prefix: str) -> Callable[[Command], bool]:
     return lambda c: c.argv[: len(prefix)] == prefix
 
@@ -216,6 +222,7 @@ def _script(c: Command) -> str:
 
 INRIA_CITY = re.compile(r"source:\s*inria")
 DVC_COMMANDS = (["repro"], ["exp", "run"], ["metrics", "show"], ["plots", "show"])
+TEAM_COMMANDS = (("dvc", "remote", "add"), ("dvc", "push"), ("dvc", "pull"), ("dvc", "status"), ("mlflow", "server"))
 # (name, matches, check), the first that matches runs the command
 RULES: list[tuple[str, Callable[[Command], bool], Callable[[Command, Study, Path], None]]] = [
     ("pip install", lambda c: _is("python3", "-m", "pip", "install")(c) or _is("pip", "install")(c),
@@ -228,6 +235,8 @@ RULES: list[tuple[str, Callable[[Command], bool], Callable[[Command, Study, Path
      and c.argv[2].startswith("cadalign."), check_module),
     ("bench script", lambda c: re.fullmatch(r"bench/\w+\.(py|sh)", _script(c)) is not None, check_script),
     ("mlflow ui", _is("mlflow", "ui"), check_mlflow_ui),
+    ("team: dvc remote, push, pull, status; mlflow server",
+     lambda c: any(_is(*w)(c) for w in TEAM_COMMANDS), check_team),
 ]
 
 
