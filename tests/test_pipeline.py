@@ -77,8 +77,8 @@ def test_dvc_repro_whole_study(tmp_path, monkeypatch) -> None:
     _check_mlflow_server(f"sqlite:///{db}", study[0].info.run_id, proj)
 
     # a rerun from scratch writes the same bytes, so the same DVC hashes, for every output
-    # but those that hold timings: the training logs (throughput) and the similarity metrics
-    # (seconds, peak memory), whose results are the same
+    # but those that hold timings: the training logs (throughput; the checkpoints keep them too)
+    # and the similarity metrics (seconds, peak memory), whose results are the same
     first = _output_hashes(proj / "dvc.lock")
     similarity = json.loads((proj / "data" / "similarity" / "round3" / "metrics.json").read_text())
     shutil.rmtree(proj / "data" / "checkpoints")  # else training resumes at its last step
@@ -88,6 +88,7 @@ def test_dvc_repro_whole_study(tmp_path, monkeypatch) -> None:
     changed = sorted(path for path in first if second[path] != first[path])
     timed = [f"data/similarity/{r}/metrics.json" for r in ("round1", "round2", "round3")]
     timed += ["data/compare"] + [f"data/train_logs/round{k}.csv" for k in (1, 2, 3)]  # compare: their summary
+    timed += [f"data/checkpoints/round{k}" for k in (1, 2, 3)]  # they keep the training log (throughput)
     assert changed == sorted(timed)
     again = json.loads((proj / "data" / "similarity" / "round3" / "metrics.json").read_text())
     timings = {"wall_seconds", "patches_per_second", "peak_memory_bytes", "seconds"}
