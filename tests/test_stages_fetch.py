@@ -276,7 +276,7 @@ def test_dvc_repro_inria_city(tmp_path, server, dataset, monkeypatch):
     city_dir = proj / "data" / "cities" / "austin"
     assert sorted(p.name for p in city_dir.iterdir()) == ["gt", "images", "osm", "polygons"]
     labels = proj / "data" / "labels" / "round0" / "austin"
-    assert sorted(p.name for p in labels.iterdir()) == ["austin1.gpkg", "austin2.gpkg"]
+    assert sorted(p.name for p in labels.iterdir()) == ["austin1.gpkg", "austin2.gpkg", "manifest.json"]
     tracked = yaml.safe_load((proj / "dvc.lock").read_text())["stages"]["fetch@austin"]["params"]["params.yaml"]
     assert tracked["inria"]["osm"]["date"] == DATE and "download" not in tracked  # the data keys, not the how
     n_requests = len(server.requests)
