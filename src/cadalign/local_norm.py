@@ -15,14 +15,11 @@ map's mean first, so E[x^2] - E[x]^2 does not cancel.
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-logger = logging.getLogger(__name__)
 
 
 def _box_mean(x: Tensor, size: tuple[int, int]) -> Tensor:
