@@ -332,3 +332,19 @@ def test_docs_command_runs(cmd: Command, study: Study, tmp_path: Path) -> None:
     rule = rule_of(cmd)
     assert rule is not None, f"no rule runs {cmd}"
     rule[1](cmd, study, tmp_path)
+
+
+def test_the_readme_headline_table_is_the_committed_metrics() -> None:
+    """Each row of the README's headline table reads what `dvc metrics show` reads, to its printed digits."""
+    import json
+
+    readme = (REPO / "README.md").read_text()
+    rows = re.findall(r"^\| (round\d+)[^|]* \| ([^\n]+) \|$", readme, flags=re.M)
+    assert [name for name, _ in rows] == ["round0", "round1", "round2", "round3"]
+    for name, cells in rows:
+        median, interval, auc, f2, f4, f8, ns = (c.strip() for c in cells.split("|"))
+        m = json.loads((REPO / "data" / "metrics" / f"{name}.json").read_text())
+        low, high = interval.split("-")
+        assert (median, low, high) == (f"{m['median_px']:.2f}", f"{m['ci_low']:.2f}", f"{m['ci_high']:.2f}"), name
+        assert (auc, f2, f4, f8) == tuple(f"{m[k]:.3f}" for k in ("auc", "frac_2px", "frac_4px", "frac_8px")), name
+        assert ns == ("" if m.get("median_ns") is None else f"{m['median_ns']:.1f}"), name

@@ -76,7 +76,10 @@ CASES: dict[str, tuple[str, ...]] = {
     "a resumed run keeps only the log rows after the resume": (
         "test_stages_train.py::test_a_killed_stage_reruns_to_the_models_and_log_of_an_uninterrupted_one",
     ),
-    "uncached outputs (metrics, curves, figures) removed by DVC before a stage runs are lost": (),
+    "uncached outputs (metrics, curves, figures) removed by DVC before a stage runs are lost": (
+        "test_outputs_kept.py::test_every_uncached_output_is_tracked_by_git",
+        "test_outputs_kept.py::test_git_keeps_no_stale_result_under_data",
+    ),
     "resume is not exact: a killed and rerun training ends with other weights": (
         "test_resume.py::test_a_resumed_stream_yields_the_batches_the_loader_would_have",
         "test_resume.py::test_a_killed_training_resumes_to_the_bytes_of_an_uninterrupted_one",
@@ -127,10 +130,7 @@ CASES: dict[str, tuple[str, ...]] = {
 }
 """Each case of issue 26 -> the tests that cover it (node ids relative to tests/)."""
 
-PENDING = {
-    "uncached outputs (metrics, curves, figures) removed by DVC before a stage runs are lost":
-        "issue 26 item 4, second half: no committed test yet (cache the outputs or keep them in git)",
-}
+PENDING: dict[str, str] = {}
 """Cases whose fix (and test) is not in the tree yet, with why; the corpus test names them."""
 
 
