@@ -221,6 +221,21 @@ def test_stage_deps_are_the_package_code_it_imports(pipeline: str, some_stages: 
         assert not unused, f"{pipeline}: {name}: {unused} in its deps, but the stage does not import them"
 
 
+def test_stages_with_a_threads_option_pin_it() -> None:
+    """torch sums over threads in another order per count (a network's output on 1, 2 and 4
+    threads differs in its last bits), so every stage that takes --threads runs with one."""
+    repo = Path(__file__).resolve().parents[1]
+    stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
+    taking = set()
+    for name, stage in stages.items():
+        cmd = stage.get("do", stage)["cmd"]
+        module = cmd.split("python -m ")[1].split()[0]
+        if "add_threads_option(parser)" in (repo / "src" / (module.replace(".", "/") + ".py")).read_text():
+            taking.add(name)
+            assert re.search(r"--threads \d+", cmd), f"dvc.yaml: {name}: add --threads <n> to its cmd"
+    assert {"train", "realign", "analyze"} <= taking
+
+
 def test_no_stage_imports_another() -> None:
     """Stages share settings through cadalign.settings, never through each other (common is plumbing)."""
     repo = Path(__file__).resolve().parents[1]

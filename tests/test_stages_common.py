@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 
-from cadalign.stages.common import make_parser, resolve_device, setup_logging
+from cadalign.stages.common import add_threads_option, make_parser, resolve_device, set_threads, setup_logging
 
 
 @pytest.mark.parametrize("name", ["auto", "cuda"])
@@ -37,3 +37,19 @@ def test_every_stage_takes_params_and_libraries_log_warnings_only() -> None:
     setup_logging()
     assert logging.getLogger("mlflow").level == logging.WARNING
     assert logging.getLogger("rasterio").level == logging.WARNING
+
+
+def test_threads_option_sets_torch_and_refuses_zero() -> None:
+    before = torch.get_num_threads()
+    parser = make_parser("t")
+    add_threads_option(parser)
+    try:
+        set_threads(parser, parser.parse_args(["--threads", "1"]))
+        assert torch.get_num_threads() == 1
+        set_threads(parser, parser.parse_args([]))  # not given: left as it is
+        assert torch.get_num_threads() == 1
+        with pytest.raises(SystemExit):
+            set_threads(parser, parser.parse_args(["--threads", "0"]))
+    finally:
+        torch.set_num_threads(before)
+

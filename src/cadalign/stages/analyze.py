@@ -68,7 +68,7 @@ from cadalign.similarity import analysis, explain
 from cadalign.similarity.windows import cap_patches, tile_windows, vertices_per_window
 from cadalign.similarity.density import count_keys
 from cadalign.similarity.grads import alignment_output_fn
-from cadalign.stages.common import make_parser, resolve_device, setup_logging
+from cadalign.stages.common import add_threads_option, make_parser, resolve_device, set_threads, setup_logging
 from cadalign.settings.train import TrainStageConfig
 from cadalign.tracking import stage_run
 from cadalign.train import load_model
@@ -557,18 +557,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--models", type=Path, required=True, help="the round's networks (ds<f>.pt)")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="torch intra-op CPU threads (default: torch's choice; 1 is far faster on a busy shared CPU)",
-    )
+    add_threads_option(parser)
     args = parser.parse_args(argv)
     setup_logging()
-    if args.threads is not None:
-        if args.threads < 1:
-            parser.error(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    set_threads(parser, args)
     cfg = load_section(args.params, "similarity", SimilarityConfig)
     train_cfg = load_section(args.params, "train", TrainStageConfig)
     shared = train_cfg.shared_factors

@@ -19,6 +19,27 @@ def make_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
+def add_threads_option(parser: argparse.ArgumentParser) -> None:
+    """``--threads``: torch's intra-op CPU threads. A sum split over threads is added in
+    another order, so on the CPU a network's outputs and gradients depend on the count:
+    dvc.yaml pins it, and the same count (and CPU kind) gives the same bytes."""
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op CPU threads (default: torch's choice, one per core; the results depend on it)",
+    )
+
+
+def set_threads(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Apply ``--threads`` (see :func:`add_threads_option`), refusing a count below 1."""
+    if args.threads is None:
+        return
+    if args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
+
+
 def name_path_pairs(values: list[str], option: str) -> dict[str, Path]:
     """``NAME=PATH`` arguments as {name: path}, in the order given.
 

@@ -27,7 +27,7 @@ from cadalign.geo.labels import load_labelled_tiles
 from cadalign.geo.polygons import check_finite, from_pixels, write_polygons
 from cadalign.provenance import check_input, write_manifest
 from cadalign.settings.realign import RealignStageConfig
-from cadalign.stages.common import make_parser, resolve_device, setup_logging
+from cadalign.stages.common import add_threads_option, make_parser, resolve_device, set_threads, setup_logging
 from cadalign.tracking import stage_run
 from cadalign.train import load_model
 
@@ -57,8 +57,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--labels", type=Path, required=True, help="labels the round trained on")
     parser.add_argument("--models", type=Path, required=True, help="the round's networks (ds<f>.pt)")
     parser.add_argument("--out", type=Path, required=True, help="the realigned labels (<city>/<tile>.gpkg)")
+    add_threads_option(parser)
     args = parser.parse_args(argv)
     setup_logging()
+    set_threads(parser, args)
     cfg = load_section(args.params, "realign", RealignStageConfig)
     device = resolve_device(cfg.device, "realign.device")
     cities = sorted(load_cities(args.params))

@@ -49,7 +49,7 @@ from cadalign.geo.labels import label_files, load_labelled_tiles
 from cadalign.device_patches import DeviceSampler
 from cadalign.patches import PatchConfig, PatchDataset, TileData
 from cadalign.provenance import check_input, write_manifest
-from cadalign.stages.common import make_parser, setup_logging
+from cadalign.stages.common import add_threads_option, make_parser, set_threads, setup_logging
 from cadalign.settings.realign import RealignStageConfig
 from cadalign.settings.train import TrainStageConfig, check_round_names, network_seed, patch_config
 from cadalign.tracking import is_rank_zero, stage_run
@@ -183,8 +183,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--init", type=Path, help="networks (ds<f>.pt) to start from when train.warm_start is true: the previous round's"
     )
+    add_threads_option(parser)
     args = parser.parse_args(argv)
     setup_logging()
+    set_threads(parser, args)
     cfg = load_section(args.params, "train", TrainStageConfig)
     check_round_names(args.params, cfg)
     if cfg.warm_start and args.init is None:
