@@ -57,7 +57,7 @@ def test_on_a_training_size_input_the_network_is_unchanged() -> None:
         after = net(image, polys).disp[0]
     assert layers == sum(isinstance(m, nn.GroupNorm) for m in net.modules()) > 0
     torch.testing.assert_close(local, plain, rtol=1e-5, atol=1e-6)
-    assert torch.equal(after, plain)  # the hooks are gone
+    assert torch.equal(after, plain)  # the layers' own forward is back
 
 
 def test_large_windows_with_window_statistics_differ_from_plain_ones() -> None:
