@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from cadalign.tracking import flatten, flatten_numbers, stage_run, tracking_uri
@@ -31,6 +32,25 @@ def test_runs_nest_under_one_study_and_failures_are_marked(monkeypatch: pytest.M
     assert by_name["one"].data.metrics == {"m": 1.5, "nested.k": 2.0}
     assert client.get_metric_history(by_name["one"].info.run_id, "m")[0].step == 4
     assert by_name["one"].info.status == "FINISHED" and by_name["two"].info.status == "FAILED"
+
+
+def test_a_stage_run_records_what_its_rounding_depends_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CADALIGN_STUDY", "compute-tags")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with stage_run("one", {}):
+            pass
+    finally:
+        torch.set_num_threads(before)
+    client = MlflowClient(tracking_uri())
+    exp = client.get_experiment_by_name(os.environ.get("MLFLOW_EXPERIMENT_NAME", "cadalign"))
+    (run,) = client.search_runs([exp.experiment_id], filter_string="tags.`cadalign.stage` = 'one' and tags.`cadalign.study` = 'compute-tags'")
+    tags = run.data.tags
+    assert tags["cadalign.torch"] == torch.__version__
+    assert tags["cadalign.cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert tags["cadalign.threads"] == "1"
+    assert ("cadalign.gpu" in tags) == torch.cuda.is_available()
 
 
 def test_non_zero_rank_logs_nothing(monkeypatch: pytest.MonkeyPatch) -> None:

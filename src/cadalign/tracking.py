@@ -28,6 +28,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
@@ -151,6 +152,20 @@ def _mark_killed(client: MlflowClient, experiment_id: str, study: str, stage: st
         client.set_terminated(run.info.run_id, "KILLED")
 
 
+def compute_tags() -> dict[str, str]:
+    """What a run's numbers depend on beyond params and code: torch's version, the CPU code path
+    its kernels take (AVX2 and AVX-512 round differently), its thread count, and the GPU if any.
+    Runs that differ in these differ by rounding (README, docs/results.md)."""
+    tags = {
+        "cadalign.torch": torch.__version__,
+        "cadalign.cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cadalign.threads": str(torch.get_num_threads()),
+    }
+    if torch.cuda.is_available():
+        tags["cadalign.gpu"] = torch.cuda.get_device_name()
+    return tags
+
+
 def _study_run_id(client: MlflowClient, experiment_id: str, study: str) -> str:
     found = client.search_runs(
         [experiment_id],
@@ -188,7 +203,7 @@ def stage_run(stage: str, params: Mapping[str, Any], study: str | None = None) -
     run = client.create_run(
         exp_id,
         run_name=stage,
-        tags={"mlflow.parentRunId": parent, STUDY_TAG: study, ROLE_TAG: "stage", STAGE_TAG: stage},
+        tags={"mlflow.parentRunId": parent, STUDY_TAG: study, ROLE_TAG: "stage", STAGE_TAG: stage, **compute_tags()},
     )
     handle = StageRun(client, run.info.run_id, study=StageRun(client, parent))
     logger.info("MLflow run %s (%s) in %s", stage, run.info.run_id, uri)
