@@ -24,6 +24,7 @@ A command no rule matches fails the test: new docs cannot add an untested comman
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -336,8 +337,6 @@ def test_docs_command_runs(cmd: Command, study: Study, tmp_path: Path) -> None:
 
 def test_the_readme_headline_table_is_the_committed_metrics() -> None:
     """Each row of the README's headline table reads what `dvc metrics show` reads, to its printed digits."""
-    import json
-
     readme = (REPO / "README.md").read_text()
     rows = re.findall(r"^\| (round\d+)[^|]* \| ([^\n]+) \|$", readme, flags=re.M)
     assert [name for name, _ in rows] == ["round0", "round1", "round2", "round3"]

@@ -52,4 +52,3 @@ def test_threads_option_sets_torch_and_refuses_zero() -> None:
             set_threads(parser, parser.parse_args(["--threads", "0"]))
     finally:
         torch.set_num_threads(before)
-

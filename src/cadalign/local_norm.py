@@ -54,14 +54,12 @@ def local_group_norm(gn: nn.GroupNorm, x: Tensor, size: tuple[int, int]) -> Tens
     square = _box_mean(xc.square().mean(2).double(), size)
     rstd = torch.rsqrt((square - mean * mean).clamp_min(0) + gn.eps).to(x.dtype)[:, :, None]
     mean = mean.to(x.dtype)[:, :, None]
+    weight, bias = (None, None) if not gn.affine else (gn.weight[None, :, None, None], gn.bias[None, :, None, None])
     if torch.is_grad_enabled():
         y = ((xc - mean) * rstd).reshape(b, c, h, w)
-    else:  # inference (realignment): in place, no (B, C, H, W) temporaries
-        y = xc.sub_(mean).mul_(rstd).reshape(b, c, h, w)
-    if gn.affine:
-        weight, bias = gn.weight[None, :, None, None], gn.bias[None, :, None, None]
-        y = y * weight + bias if torch.is_grad_enabled() else y.mul_(weight).add_(bias)
-    return y
+        return y if weight is None else y * weight + bias
+    y = xc.sub_(mean).mul_(rstd).reshape(b, c, h, w)  # inference (realignment): in place, no temporaries
+    return y if weight is None else y.mul_(weight).add_(bias)
 
 
 def _input_sizes(model: nn.Module, size_in: int) -> dict[nn.GroupNorm, tuple[int, int]]:
