@@ -19,7 +19,8 @@ made differently:
   target is ``A^T G(x) / max_displacement`` clipped to [-1, 1] (``F`` with
   ``inverse_target: false``). The grid is made in float32 relative to a crop cut around each
   centre (points under a crop's side, so exact to ~1e-5 px), by ``affine_grid``; batch-wide
-  tensor ops throughout, no loop over patches.
+  tensor ops throughout, no loop over patches (but for the inverse's iteration
+  on the CPU, a few patches at a time so that they stay in cache).
 
 Warping the burned rasters instead of the polygons moves each boundary by up to a tile pixel's
 interpolation error (the burn is at the network's own resolution); tests/test_device_patches.py
@@ -70,6 +71,9 @@ CANDIDATES_PER_ROUND = 8
 
 BUMP_REACH = 4.0
 """Bumps are evaluated out to this many of their largest possible sigma (``sqrt(BUMP_VARIANCE)``)."""
+
+INVERSE_CHUNK_POINTS = 32768
+"""On the CPU, points per chunk of the inverse field's iteration (:meth:`DeviceSampler._inverse`)."""
 
 GRAY = (0.299, 0.587, 0.114)
 """RGB -> gray weights of OpenCV's ``COLOR_RGB2GRAY``, which the albumentations jitter uses."""
@@ -140,6 +144,31 @@ def _reflect101(index: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
     period = torch.clamp(2 * (size - 1), min=1)
     index = torch.remainder(index.abs(), period)
     return torch.where(index >= size, period - index, index).clamp(max=size - 1)
+
+
+class _Iteration:
+    """The inverse field's fixed-point iteration on some patches: ``field`` (b, 2, h, w) px, points
+    ``at`` (b, 2, S, S) in its normalized units, ``scale`` (b, 1, 1, 1) px -> those units."""
+
+    def __init__(self, field: torch.Tensor, at: torch.Tensor, scale: torch.Tensor) -> None:
+        self.field, self.at, self.scale = field, at, scale
+        self.forward = self.vectors = self._sample(at)
+        self.steps, self.change = 0, math.inf
+
+    def _sample(self, points: torch.Tensor) -> torch.Tensor:
+        # grid_sample reads a permuted grid as fast as a contiguous one; the sums stay contiguous
+        grid = points.permute(0, 2, 3, 1)
+        return F.grid_sample(self.field, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+    @property
+    def converged(self) -> bool:
+        return self.change < INVERSE_TOL_PX
+
+    def step(self) -> None:
+        updated = self._sample(torch.addcmul(self.at, self.vectors, self.scale))
+        self.change = (updated - self.vectors).abs_().amax().item()
+        self.vectors = updated
+        self.steps += 1
 
 
 class DeviceSampler:
@@ -353,25 +382,37 @@ class DeviceSampler:
     # ------------------------------------------------------------------------- rendering
 
     @staticmethod
-    def _inverse(field: torch.Tensor, at: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _inverse(
+        field: torch.Tensor, at: torch.Tensor, scale: torch.Tensor, chunk: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``F`` and ``G`` (B, 2, S, S) px at the points ``at`` (B, 2, S, S) (the field grid's normalized
         units; ``scale`` (B,) turns px into them), ``G(x) = F(x + G(x))`` by fixed-point iteration
-        as ``PatchSampler._target_vectors``. In float32: ~5e-5 px at a 1024 px span."""
+        as ``PatchSampler._target_vectors``. In float32: ~5e-5 px at a 1024 px span.
 
-        def sample(points: torch.Tensor) -> torch.Tensor:
-            # grid_sample reads a permuted grid as fast as a contiguous one; the sums stay contiguous
-            grid = points.permute(0, 2, 3, 1)
-            return F.grid_sample(field, grid, mode="bilinear", padding_mode="border", align_corners=False)
-
-        forward = vectors = sample(at)
+        The batch stops at the first iteration whose largest change is under ``INVERSE_TOL_PX`` (or
+        at the cap). It is iterated ``chunk`` patches at a time, each chunk first to its own stop,
+        then all to the batch's: every point's iterates are its own, so the bytes are those of one
+        chunk, and on the CPU a chunk's few arrays stay in cache across its iterations.
+        """
         scale = scale[:, None, None, None]
-        for _ in range(INVERSE_MAX_ITER):
-            updated = sample(torch.addcmul(at, vectors, scale))
-            change = (updated - vectors).abs_().amax()
-            vectors = updated
-            if change.item() < INVERSE_TOL_PX:
+        chunks = [_Iteration(field[i : i + chunk], at[i : i + chunk], scale[i : i + chunk]) for i in range(0, len(at), chunk)]
+        for part in chunks:
+            while part.steps < INVERSE_MAX_ITER and not part.converged:
+                part.step()
+        # No iteration before the latest chunk's stop has every change under the tolerance; from there
+        # on the chunks move in step until one does.
+        while True:
+            latest = max(part.steps for part in chunks)
+            for part in chunks:
+                while part.steps < latest:
+                    part.step()
+            if latest >= INVERSE_MAX_ITER or all(part.converged for part in chunks):
                 break
-        return forward, vectors
+            for part in chunks:
+                part.step()
+        if len(chunks) == 1:
+            return chunks[0].forward, chunks[0].vectors
+        return torch.cat([part.forward for part in chunks]), torch.cat([part.vectors for part in chunks])
 
     def _crops(self, draws: Draws) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Crops around the centres: float32 image (B, 3, M, M) (a channels-last view), label planes
@@ -386,13 +427,16 @@ class DeviceSampler:
         row_start = self.base[draws.tile, None] + _reflect101(rows, height) * width
         index = (row_start[:, :, None] + _reflect101(cols, width)[:, None]).to(self.store)
         row_inside, col_inside = ((rows >= 0) & (rows < height))[:, :, None], ((cols >= 0) & (cols < width))[:, None]
-        words = self.pixels[index].to(self.device, non_blocking=True)
+        # index_select, not pixels[index]: ~4x faster on the CPU (advanced indexing's general kernel)
+        flat = index.view(-1)
+        words = self.pixels.index_select(0, flat).view(n, m, m).to(self.device, non_blocking=True)
         channels = words.view(torch.uint8).reshape(n, m, m, 4)  # R, G, B, label bits
         bits = (channels[..., 3] * row_inside).mul_(col_inside)
         planes = [bits & 1, (bits >> 1) & 1, bits >> 2]  # fill, edge, vertex (the highest bit)
         labels = torch.stack(planes, 1).float()
         if self.owners is not None:
-            owner = (self.owners[index].to(self.device, non_blocking=True) * row_inside).mul_(col_inside)
+            owner = self.owners.index_select(0, flat).view(n, m, m).to(self.device, non_blocking=True)
+            owner = (owner * row_inside).mul_(col_inside)
             labels = torch.cat([labels, owner[:, None].float()], 1)
         # all four channels at once: a contiguous conversion (a strided one of three is ~4x slower)
         return channels.float()[..., :3].permute(0, 3, 1, 2), labels, corner
@@ -416,15 +460,18 @@ class DeviceSampler:
         at_field = torch.empty(n, 2, size, size, device=self.device)
         scale = (m / span).float()[..., None, None]
         torch.addcmul(shift.float()[..., None, None], at_x.permute(0, 3, 1, 2), scale, out=at_field)
-        forward, inverse = self._inverse(draws.field, at_field, 2.0 / span[:, 0].float())
+        # On the CPU, ~32k points per chunk stay in cache: the iteration ~1.3x faster than on 8 patches of 120 px
+        chunk = n if self.device.type == "cuda" else max(1, INVERSE_CHUNK_POINTS // (size * size))
+        forward, inverse = self._inverse(draws.field, at_field, 2.0 / span[:, 0].float(), chunk)
         target = (inverse if cfg.inverse_target else forward)[:, :, margin : margin + out, margin : margin + out]
         vectors = torch.einsum("bihw,bij->bjhw", target, rot.float())  # A^T G: vectors in patch axes
-        at_label = torch.add(at_x, inverse.permute(0, 2, 3, 1), alpha=2.0 / m)  # x + G(x)
 
         # The labels at the seg window (at x) and at the input raster (at x + G) in one grid; fill and
         # edge bilinearly, thresholded at 1/2 (sub-pixel boundaries); vertex (and owner) by nearest.
-        window = at_x[:, margin : margin + out, margin : margin + out].reshape(n, 1, -1, 2)
-        points = torch.cat([window, at_label.reshape(n, 1, -1, 2)], 2)
+        points = torch.empty(n, 1, out * out + size * size, 2, device=self.device)
+        points[:, 0, : out * out].view(n, out, out, 2).copy_(at_x[:, margin : margin + out, margin : margin + out])
+        at_label = points[:, 0, out * out :].view(n, size, size, 2)
+        torch.add(at_x, inverse.permute(0, 2, 3, 1), alpha=2.0 / m, out=at_label)  # x + G(x)
         smooth = F.grid_sample(labels[:, :2], points, mode="bilinear", padding_mode="zeros", align_corners=False)
         sharp = F.grid_sample(labels[:, 2:], points, mode="nearest", padding_mode="zeros", align_corners=False)
         sampled = torch.cat([smooth.ge_(0.5), sharp[:, :1]], 1)[:, :, 0]  # (B, 3, O*O + S*S), ge_ writes 0/1 floats
@@ -467,6 +514,7 @@ def jitter(image: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     Brightness shift (``RandomBrightnessContrast``, by max), then ``ColorJitter``'s contrast
     (about the mean gray level) and saturation (towards each pixel's gray) in random order,
     each clipped to [0, 255]. ``params`` (B, 4): shift, contrast, saturation, contrast first.
+    Overwrites ``image`` and returns it.
     """
     weights = torch.tensor(GRAY, dtype=image.dtype, device=image.device).reshape(1, 3, 1, 1)
 
@@ -474,9 +522,9 @@ def jitter(image: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         # contrast and saturation are one blend towards gray: its mean (contrast) or each pixel's
         gray = F.conv2d(img, weights)  # a 1 x 1 convolution: the fastest weighted channel sum
         towards = torch.where(about_mean, gray.mean((2, 3), keepdim=True), gray)
-        return torch.lerp(towards, img, factor[:, None, None, None]).clamp_(0.0, 255.0)
+        return torch.lerp(towards, img, factor[:, None, None, None], out=img).clamp_(0.0, 255.0)
 
-    image = (image + params[:, 0, None, None, None]).clamp_(0.0, 255.0)
+    image = image.add_(params[:, 0, None, None, None]).clamp_(0.0, 255.0)
     first = params[:, 3] > 0.5  # contrast first
     contrast, saturation = params[:, 1], params[:, 2]
     image = blend(image, torch.where(first, contrast, saturation), first[:, None, None, None])
