@@ -192,7 +192,7 @@ def test_inverse_in_chunks_is_the_whole_batchs_iteration() -> None:
     """Iterated a few patches at a time, the inverse stops where the whole batch would and gives its bytes."""
     gen = torch.Generator().manual_seed(0)
     n, side = 7, 24
-    # fields from gentle to folding: the patches stop after different numbers of iterations, or at the cap
+    # fields from gentle to steep: the patches stop after different numbers of iterations, or at the cap
     amplitude = torch.tensor([0.2, 1.0, 3.0, 0.5, 6.0, 12.0, 2.0])[:, None, None, None]
     field = torch.nn.functional.interpolate(torch.randn(n, 2, 4, 4, generator=gen), size=(12, 12), mode="bicubic")
     field = field / field.abs().amax((1, 2, 3), keepdim=True) * amplitude
@@ -200,7 +200,7 @@ def test_inverse_in_chunks_is_the_whole_batchs_iteration() -> None:
     scale = torch.full((n,), 2.0 / 64)
     alone = [_one_batch_inverse(field[i : i + 1], at[i : i + 1], scale[i : i + 1])[2] for i in range(n)]
     assert len(set(alone)) >= 3 and max(alone) == INVERSE_MAX_ITER, alone
-    forward, vectors, steps = _one_batch_inverse(field, at, scale)
+    *_, steps = _one_batch_inverse(field, at, scale)
     assert steps == INVERSE_MAX_ITER
     gentle = slice(0, 4)  # the first four converge: the whole batch stops before the cap
     *_, gentle_steps = _one_batch_inverse(field[gentle], at[gentle], scale[gentle])
