@@ -18,7 +18,7 @@ from cadalign.config import ConfigError, from_dict
 from cadalign.device_patches import DeviceSampler, jitter, orthogonal, step_generator
 from cadalign.model import AlignNet, LossConfig, ModelConfig
 from cadalign.noise import random_displacement_field
-from cadalign.patches import INVERSE_MAX_ITER, INVERSE_TOL_PX, PatchConfig, PatchSampler, TileData, tile_probabilities
+from cadalign.patches import PatchConfig, PatchSampler, TileData, tile_probabilities
 from cadalign.train import TrainConfig, train
 
 SMALL = {"input_size": 60, "output_size": 20}  # as tests/test_patches.py
@@ -88,12 +88,6 @@ def test_same_draws_per_crop_field() -> None:
     patches, batch = _same_draws(cfg, n=16)
     assert _pooled_iou(np.stack([p.polys[0] for p in patches]), batch["polys"][:, 0].numpy()) >= 0.8
     assert _pooled_iou(np.stack([p.seg[1] for p in patches]), batch["seg"][:, 1].numpy()) >= 0.95
-    np.testing.assert_allclose(batch["disp"].numpy(), np.stack([p.disp for p in patches]), atol=1e-4)
-
-
-def test_reference_target_mode_agrees() -> None:
-    cfg = PatchConfig(**SMOOTH, **NO_JITTER, keep_prob=1.0, inverse_target=False)
-    patches, batch = _same_draws(cfg, n=8)
     np.testing.assert_allclose(batch["disp"].numpy(), np.stack([p.disp for p in patches]), atol=1e-4)
 
 
@@ -167,49 +161,6 @@ def test_field_has_the_exact_paths_distribution() -> None:
 
     (rms, rough), (rms_ref, rough_ref) = stats(field), stats(exact)
     assert abs(rms / rms_ref - 1) < 0.1 and abs(rough / rough_ref - 1) < 0.1, (rms, rms_ref, rough, rough_ref)
-
-
-def _one_batch_inverse(field: torch.Tensor, at: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """The inverse's fixed-point iteration on the whole batch at once, stopped by the largest change."""
-
-    def sample(points: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.grid_sample(
-            field, points.permute(0, 2, 3, 1), mode="bilinear", padding_mode="border", align_corners=False
-        )
-
-    forward = vectors = sample(at)
-    steps = 0
-    for steps in range(1, INVERSE_MAX_ITER + 1):
-        updated = sample(torch.addcmul(at, vectors, scale[:, None, None, None]))
-        change = (updated - vectors).abs().amax().item()
-        vectors = updated
-        if change < INVERSE_TOL_PX:
-            break
-    return forward, vectors, steps
-
-
-def test_inverse_in_chunks_is_the_whole_batchs_iteration() -> None:
-    """Iterated a few patches at a time, the inverse stops where the whole batch would and gives its bytes."""
-    gen = torch.Generator().manual_seed(0)
-    n, side = 7, 24
-    # fields from gentle to steep: the patches stop after different numbers of iterations, or at the cap
-    amplitude = torch.tensor([0.2, 1.0, 3.0, 0.5, 6.0, 12.0, 2.0])[:, None, None, None]
-    field = torch.nn.functional.interpolate(torch.randn(n, 2, 4, 4, generator=gen), size=(12, 12), mode="bicubic")
-    field = field / field.abs().amax((1, 2, 3), keepdim=True) * amplitude
-    at = torch.rand(n, 2, side, side, generator=gen) * 1.8 - 0.9
-    scale = torch.full((n,), 2.0 / 64)
-    alone = [_one_batch_inverse(field[i : i + 1], at[i : i + 1], scale[i : i + 1])[2] for i in range(n)]
-    assert len(set(alone)) >= 3 and max(alone) == INVERSE_MAX_ITER, alone
-    *_, steps = _one_batch_inverse(field, at, scale)
-    assert steps == INVERSE_MAX_ITER
-    gentle = slice(0, 4)  # the first four converge: the whole batch stops before the cap
-    *_, gentle_steps = _one_batch_inverse(field[gentle], at[gentle], scale[gentle])
-    assert gentle_steps < INVERSE_MAX_ITER
-    for batch in (slice(0, n), gentle):
-        reference = _one_batch_inverse(field[batch], at[batch], scale[batch])
-        for chunk in (1, 2, 3, n):
-            found = DeviceSampler._inverse(field[batch], at[batch], scale[batch], chunk)
-            assert torch.equal(found[0], reference[0]) and torch.equal(found[1], reference[1]), (batch, chunk)
 
 
 @pytest.mark.parametrize("weight_by", ["area", "city"])

@@ -14,7 +14,7 @@ from conftest import seeded_buildings
 
 from cadalign.config import ConfigError, from_dict
 from cadalign.noise import sample_field
-from cadalign.patches import PatchConfig, PatchDataset, PatchSampler, TileData
+from cadalign.patches import Field, PatchConfig, PatchDataset, PatchSampler, TileData
 from cadalign.raster import downsample_image, rasterize_polygons, scale_geoms
 
 SMALL = {"input_size": 60, "output_size": 20}  # margin 20, crop 89 px
@@ -55,7 +55,7 @@ def test_target_field_moves_inputs_onto_labels(angle: float, flipped: bool) -> N
         assert patch.angle == angle and patch.flipped == flipped
         labels, inputs = _vertex_pairs(patch, cfg)
         moved = inputs + sample_field(patch.field_px, inputs)
-        # inverse target: exact up to bilinear interpolation of the field (< 0.05 px)
+        # exact up to the bilinear interpolation of the target raster between pixel centres (< 0.05 px)
         np.testing.assert_array_less(np.linalg.norm(moved - labels, axis=1), 0.05)
         # the normalised target is the same field, clipped like the tanh output
         np.testing.assert_allclose(patch.disp, np.clip(patch.field_px / cfg.max_displacement, -1, 1))
@@ -63,30 +63,52 @@ def test_target_field_moves_inputs_onto_labels(angle: float, flipped: bool) -> N
     assert checked > 20  # the check did look at vertices
 
 
-def test_target_field_reference_mode_and_vector_rotation_is_discriminating() -> None:
-    """With the reference target F, F sampled at the true vertex equals label - input.
-
-    And the check does fail if the vectors were not rotated with the patch.
-    """
-    cfg = PatchConfig(**SMOOTH, keep_prob=1.0, inverse_target=False)
+def test_inputs_sit_where_the_field_moves_them_onto_the_labels_and_vectors_rotate() -> None:
+    """In the tile frame each input vertex u solves u + F(u) = v for its label vertex v (to 1e-6 px,
+    the field sampled by its own function); in the patch frame the target raster is the same field,
+    rotated: a field whose vectors were only moved spatially misses."""
+    cfg = PatchConfig(**SMOOTH, keep_prob=1.0)
     sampler = PatchSampler([_tile(n=80)], cfg)
     for angle, flipped in [(0.0, False), (2.0, True), (math.pi / 2, False), (4.5, True)]:
         checked = 0
         for k in range(3):
             patch = sampler.draw(np.random.default_rng(k), angle=angle, flipped=flipped)
-            labels, inputs = _vertex_pairs(patch, cfg)
-            checked += len(labels)
-            # u = v - F(v): the field at the (transformed) true vertex is the move, up to
-            # interpolation of the rotated, piecewise-bilinear field.
-            np.testing.assert_allclose(sample_field(patch.field_px, labels), labels - inputs, atol=0.05)
-            if angle == math.pi / 2 and len(labels):
-                # a field whose vectors were only moved spatially (not rotated) misses by ~|F|
+            rot = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
+            rot = rot @ np.diag([1.0, -1.0 if flipped else 1.0])
+            labels, inputs = (
+                np.asarray(patch.centre) + (shapely.get_coordinates(g) - cfg.input_size / 2.0) @ rot.T
+                for g in (patch.labels, patch.inputs)
+            )
+            np.testing.assert_allclose(inputs + patch.field(inputs), labels, atol=1e-5)
+            labels_w, inputs_w = _vertex_pairs(patch, cfg)
+            checked += len(labels_w)
+            if angle == math.pi / 2 and len(labels_w):
                 unrotated = np.stack([-patch.field_px[1], patch.field_px[0]])
-                moves = np.linalg.norm(labels - inputs, axis=1)
-                wrong = np.linalg.norm(sample_field(unrotated, labels) - (labels - inputs), axis=1)
+                moves = np.linalg.norm(labels_w - inputs_w, axis=1)
+                wrong = np.linalg.norm(sample_field(unrotated, inputs_w) - (labels_w - inputs_w), axis=1)
                 assert moves.max() > 0.2
                 np.testing.assert_array_less(moves, wrong)  # sqrt(2) |F| expected
         assert checked > 10
+
+
+def test_preimage_converges_where_the_fixed_point_iteration_does_not() -> None:
+    """A field steeper than 1 px/px that does not fold: Newton finds u + F(u) = v to 1e-6 px at every
+    point; the fixed-point iteration u = v - F(u) is still off by more than 0.1 px after 50 steps."""
+    side = 64
+    yy, xx = np.mgrid[0:side, 0:side] + 0.5
+    # a damped swirl: grad F at the centre is -0.6 I + 1.1 x (a rotation by 90 degrees), of norm 1.25, so
+    # u = v - F(u) does not contract there; det(I + grad F) stays >= 0.59 over the grid (no fold)
+    s_diag, s_rot = -0.6, 1.1
+    field = np.stack([s_diag * (xx - 32) - s_rot * (yy - 32), s_rot * (xx - 32) + s_diag * (yy - 32)])
+    field *= np.exp(-((xx - 32) ** 2 + (yy - 32) ** 2) / (2 * 12.0**2))[None]
+    grid_field = Field(field, np.zeros(2), 1.0)
+    v = np.random.default_rng(0).uniform(20, 44, size=(200, 2))
+    u = grid_field.preimage(v)
+    np.testing.assert_array_less(np.abs(u + grid_field(u) - v), 1e-6)
+    plain = v - grid_field(v)
+    for _ in range(50):
+        plain = v - grid_field(plain)
+    assert np.abs(plain + grid_field(plain) - v).max() > 0.1
 
 
 def test_image_follows_the_geometry_under_rotation_and_flip() -> None:
@@ -211,8 +233,8 @@ def test_field_extent_gives_smoother_fields() -> None:
 
 def test_field_scale_widens_the_field_and_clips_the_target() -> None:
     """field_scale multiplies the random field; the target keeps the tanh normaliser and clips."""
-    base = PatchConfig(**SMOOTH, keep_prob=1.0, inverse_target=False)
-    wide = PatchConfig(**SMOOTH, keep_prob=1.0, inverse_target=False, field_scale=3.0)
+    base = PatchConfig(**SMOOTH, keep_prob=1.0)
+    wide = PatchConfig(**SMOOTH, keep_prob=1.0, field_scale=3.0)
     assert wide.field_max == 3.0 * wide.max_displacement
     narrow, broad = PatchSampler([_tile(n=80)], base), PatchSampler([_tile(n=80)], wide)
     clipped = 0
@@ -222,7 +244,7 @@ def test_field_scale_widens_the_field_and_clips_the_target() -> None:
         np.testing.assert_allclose(b.disp, np.clip(b.field_px / wide.max_displacement, -1, 1))
         clipped += int((np.abs(b.field_px) > wide.max_displacement).sum())
         labels, inputs = _vertex_pairs(b, wide)
-        np.testing.assert_allclose(sample_field(b.field_px, labels), labels - inputs, atol=0.1)
+        np.testing.assert_allclose(sample_field(b.field_px, inputs), labels - inputs, atol=0.1)
     assert clipped > 0  # some target values were beyond the tanh range
     with pytest.raises(ConfigError, match="field_scale"):
         from_dict(PatchConfig, {"field_scale": 0.0}, "params.yaml: patches")

@@ -14,13 +14,12 @@ made differently:
   ``field_extent`` windowing, ``field_scale``), photometric jitter and polygon dropping;
 - each patch is rendered through ONE sampling grid: patch pixel ``p`` sits at the tile point
   ``x = c + A (p - S/2)``. The image and the seg target sample the tile at ``x``; the
-  misaligned input raster samples the labels at ``x + G(x)``, with ``G`` the field's inverse
-  (``u + G(u) = v``: a label vertex ``v`` misaligned to ``u = v - F(v)`` is found there); the
-  target is ``A^T G(x) / max_displacement`` clipped to [-1, 1] (``F`` with
-  ``inverse_target: false``). The grid is made in float32 relative to a crop cut around each
-  centre (points under a crop's side, so exact to ~1e-5 px), by ``affine_grid``; batch-wide
-  tensor ops throughout, no loop over patches (but for the inverse's iteration
-  on the CPU, a few patches at a time so that they stay in cache).
+  misaligned input raster samples the labels at ``x + F(x)`` (the label at ``v`` shows at the
+  ``u`` with ``u + F(u) = v``, where the exact path moves the vertex), and the target is
+  ``A^T F(x) / max_displacement`` clipped to [-1, 1]: one sample of the field serves both.
+  The grid is made in float32 relative to a crop cut around each centre (points under a crop's
+  side, so exact to ~1e-5 px), by ``affine_grid``; batch-wide tensor ops throughout, no loop
+  over patches.
 
 Warping the burned rasters instead of the polygons moves each boundary by up to a tile pixel's
 interpolation error (the burn is at the network's own resolution); tests/test_device_patches.py
@@ -54,8 +53,6 @@ from tqdm import tqdm
 from cadalign.noise import BUMP_VARIANCE
 from cadalign.patches import (
     FIELD_GRID,
-    INVERSE_MAX_ITER,
-    INVERSE_TOL_PX,
     Patch,
     PatchConfig,
     TileData,
@@ -71,9 +68,6 @@ CANDIDATES_PER_ROUND = 8
 
 BUMP_REACH = 4.0
 """Bumps are evaluated out to this many of their largest possible sigma (``sqrt(BUMP_VARIANCE)``)."""
-
-INVERSE_CHUNK_POINTS = 32768
-"""On the CPU, points per chunk of the inverse field's iteration (:meth:`DeviceSampler._inverse`)."""
 
 GRAY = (0.299, 0.587, 0.114)
 """RGB -> gray weights of OpenCV's ``COLOR_RGB2GRAY``, which the albumentations jitter uses."""
@@ -144,31 +138,6 @@ def _reflect101(index: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
     period = torch.clamp(2 * (size - 1), min=1)
     index = torch.remainder(index.abs(), period)
     return torch.where(index >= size, period - index, index).clamp(max=size - 1)
-
-
-class _Iteration:
-    """The inverse field's fixed-point iteration on some patches: ``field`` (b, 2, h, w) px, points
-    ``at`` (b, 2, S, S) in its normalized units, ``scale`` (b, 1, 1, 1) px -> those units."""
-
-    def __init__(self, field: torch.Tensor, at: torch.Tensor, scale: torch.Tensor) -> None:
-        self.field, self.at, self.scale = field, at, scale
-        self.forward = self.vectors = self._sample(at)
-        self.steps, self.change = 0, math.inf
-
-    def _sample(self, points: torch.Tensor) -> torch.Tensor:
-        # grid_sample reads a permuted grid as fast as a contiguous one; the sums stay contiguous
-        grid = points.permute(0, 2, 3, 1)
-        return F.grid_sample(self.field, grid, mode="bilinear", padding_mode="border", align_corners=False)
-
-    @property
-    def converged(self) -> bool:
-        return self.change < INVERSE_TOL_PX
-
-    def step(self) -> None:
-        updated = self._sample(torch.addcmul(self.at, self.vectors, self.scale))
-        self.change = (updated - self.vectors).abs_().amax().item()
-        self.vectors = updated
-        self.steps += 1
 
 
 class DeviceSampler:
@@ -381,39 +350,6 @@ class DeviceSampler:
 
     # ------------------------------------------------------------------------- rendering
 
-    @staticmethod
-    def _inverse(
-        field: torch.Tensor, at: torch.Tensor, scale: torch.Tensor, chunk: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``F`` and ``G`` (B, 2, S, S) px at the points ``at`` (B, 2, S, S) (the field grid's normalized
-        units; ``scale`` (B,) turns px into them), ``G(x) = F(x + G(x))`` by fixed-point iteration
-        as ``PatchSampler._target_vectors``. In float32: ~5e-5 px at a 1024 px span.
-
-        The batch stops at the first iteration whose largest change is under ``INVERSE_TOL_PX`` (or
-        at the cap). It is iterated ``chunk`` patches at a time, each chunk first to its own stop,
-        then all to the batch's: every point's iterates are its own, so the bytes are those of one
-        chunk, and on the CPU a chunk's few arrays stay in cache across its iterations.
-        """
-        scale = scale[:, None, None, None]
-        chunks = [_Iteration(field[i : i + chunk], at[i : i + chunk], scale[i : i + chunk]) for i in range(0, len(at), chunk)]
-        for part in chunks:
-            while part.steps < INVERSE_MAX_ITER and not part.converged:
-                part.step()
-        # No iteration before the latest chunk's stop has every change under the tolerance; from there
-        # on the chunks move in step until one does.
-        while True:
-            latest = max(part.steps for part in chunks)
-            for part in chunks:
-                while part.steps < latest:
-                    part.step()
-            if latest >= INVERSE_MAX_ITER or all(part.converged for part in chunks):
-                break
-            for part in chunks:
-                part.step()
-        if len(chunks) == 1:
-            return chunks[0].forward, chunks[0].vectors
-        return torch.cat([part.forward for part in chunks]), torch.cat([part.vectors for part in chunks])
-
     def _crops(self, draws: Draws) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Crops around the centres: float32 image (B, 3, M, M) (a channels-last view), label planes
         (B, 3 or 4, M, M): fill, edge, vertex (, owner id), and the crops' tile corners (B, 2)
@@ -453,25 +389,21 @@ class DeviceSampler:
         shape = [n, 1, size, size]
         local = 2.0 * (draws.centre - corner) / m - 1.0
         at_x = F.affine_grid(torch.cat([rot * (size / m), local[..., None]], 2).float(), shape, align_corners=False)
-        # The same points in the field grid's units u = 2 (x - origin) / span - 1: u = a g + b from the
-        # crop's g, in the (B, 2, S, S) layout the iteration adds to.
+        # The same points in the field grid's units u = 2 (x - origin) / span - 1, an affine map of the
+        # crop's: the field there is the target and moves the label sampling points.
         span = draws.field_span[:, None]
-        shift = 2.0 * (corner - draws.field_origin) / span - 1.0 + m / span
-        at_field = torch.empty(n, 2, size, size, device=self.device)
-        scale = (m / span).float()[..., None, None]
-        torch.addcmul(shift.float()[..., None, None], at_x.permute(0, 3, 1, 2), scale, out=at_field)
-        # On the CPU, ~32k points per chunk stay in cache: the iteration ~1.3x faster than on 8 patches of 120 px
-        chunk = n if self.device.type == "cuda" else max(1, INVERSE_CHUNK_POINTS // (size * size))
-        forward, inverse = self._inverse(draws.field, at_field, 2.0 / span[:, 0].float(), chunk)
-        target = (inverse if cfg.inverse_target else forward)[:, :, margin : margin + out, margin : margin + out]
-        vectors = torch.einsum("bihw,bij->bjhw", target, rot.float())  # A^T G: vectors in patch axes
+        shift = (2.0 * (corner - draws.field_origin) / span - 1.0 + m / span).float()[:, None, None]
+        at_field = torch.addcmul(shift, at_x, (m / span).float()[:, None, None])
+        field = F.grid_sample(draws.field, at_field, mode="bilinear", padding_mode="border", align_corners=False)
+        target = field[:, :, margin : margin + out, margin : margin + out]
+        vectors = torch.einsum("bihw,bij->bjhw", target, rot.float())  # A^T F: vectors in patch axes
 
-        # The labels at the seg window (at x) and at the input raster (at x + G) in one grid; fill and
+        # The labels at the seg window (at x) and at the input raster (at x + F) in one grid; fill and
         # edge bilinearly, thresholded at 1/2 (sub-pixel boundaries); vertex (and owner) by nearest.
         points = torch.empty(n, 1, out * out + size * size, 2, device=self.device)
         points[:, 0, : out * out].view(n, out, out, 2).copy_(at_x[:, margin : margin + out, margin : margin + out])
         at_label = points[:, 0, out * out :].view(n, size, size, 2)
-        torch.add(at_x, inverse.permute(0, 2, 3, 1), alpha=2.0 / m, out=at_label)  # x + G(x)
+        torch.add(at_x, field.permute(0, 2, 3, 1), alpha=2.0 / m, out=at_label)  # x + F(x)
         smooth = F.grid_sample(labels[:, :2], points, mode="bilinear", padding_mode="zeros", align_corners=False)
         sharp = F.grid_sample(labels[:, 2:], points, mode="nearest", padding_mode="zeros", align_corners=False)
         sampled = torch.cat([smooth.ge_(0.5), sharp[:, :1]], 1)[:, :, 0]  # (B, 3, O*O + S*S), ge_ writes 0/1 floats

@@ -11,7 +11,9 @@ Each sample is drawn fresh (no patch files on disk):
    falls inside the inner output window; see :class:`PatchConfig`). Along an axis where the
    tile is shorter than C the crop is centred and the image reflect-padded, as at inference;
 3. draw a fresh smooth field ``F`` over the crop (:func:`cadalign.noise.random_displacement_field`)
-   in the tile frame and misalign the current labels with it, ``u = v - F(v)``;
+   in the tile frame and misalign the current labels by its inverse: each vertex ``v`` moves to
+   the point ``u`` that ``F`` moves onto it, ``u + F(u) = v`` (:meth:`Field.preimage`), so that
+   ``F`` itself is the exact target;
 4. express everything in the patch frame. The patch frame is an exact rigid transform of the
    tile frame, ``x_tile = c + A (p - S / 2)`` with ``A = R(theta) @ diag(1, +-1)``, so
    geometry is moved with that map (shapely), the image is resampled once through it
@@ -22,8 +24,7 @@ Each sample is drawn fresh (no patch files on disk):
 A sample is a dict of float32 tensors: ``image`` (3, S, S) in [-1, 1], ``polys`` (3, S, S)
 fill/edge/vertex of the misaligned input polygons (after polygon dropping), ``disp``
 (2, O, O) = ``F' / max_displacement`` clipped to [-1, 1] (the displacement that moves the
-input back onto the labels: ``u + F'(u) = v``; by default the field's exact inverse, see
-``PatchConfig.inverse_target``), ``seg`` (4, O, O) background/fill/edge/vertex
+input back onto the labels: ``u + F'(u) = v``), ``seg`` (4, O, O) background/fill/edge/vertex
 of all current labels, and ``polys_out`` (3, O, O) = ``polys`` cropped to the output window.
 The output window is the centred O x O square of the input, ``margin = (S - O) / 2``.
 
@@ -58,9 +59,9 @@ FIELD_GRID = 256
 grid stretched over ``field_extent`` px. Its bumps are then evaluated on 256 / 4 = 64 coarse
 points per side, close to the 79 a per-crop field gets at S = 220 (C = 316)."""
 
-INVERSE_MAX_ITER = 10
-INVERSE_TOL_PX = 1e-3
-"""Fixed-point iterations (cap) and stopping change in px for the inverse target."""
+PREIMAGE_MAX_ITER = 50
+PREIMAGE_TOL_PX = 1e-6
+"""Newton steps (cap) and the largest residual ``|u + F(u) - v|`` in px of :meth:`Field.preimage`."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -99,11 +100,6 @@ class PatchConfig:
     # (the rest is indistinguishable from the noise it was trained to ignore). Above 1 the
     # field is wider than the tanh range and the target values beyond it are clipped.
     field_scale: float = 1.0
-    # Target at output pixel p. True: the inverse field G with p + G(p) landing exactly on the
-    # label, G(p) = F(p + G(p)) (so the network learns the move that undoes the noise). False:
-    # F itself, as the reference did ("correction = misaligned + D(misaligned)"), which is
-    # off by |F(v) - F(v - F(v))| (median ~0.4 px for per-crop fields at 4 px).
-    inverse_target: bool = True
     n_bumps: int = 30  # Gaussian bumps per field component (reference: 30)
     field_coarse_factor: int = 4  # bumps evaluated on a grid this much coarser (reference: 4)
     # Side (px, network resolution) of the square the field's unit coordinates span. None:
@@ -269,12 +265,58 @@ class Field:
     """A displacement field as a function of tile coordinates, backed by a grid."""
 
     def __init__(self, grid: np.ndarray, origin: np.ndarray, scale: float) -> None:
-        self.grid = grid.astype(np.float64)  # once: sampled ~10 times per patch (the inverse target)
+        self.grid = grid.astype(np.float64)  # once: sampled several times per patch (the preimages)
         self.origin = origin  # tile coordinates of the grid's top-left corner
         self.scale = scale  # grid cells per tile pixel
 
     def __call__(self, xy: np.ndarray) -> np.ndarray:
         return sample_field(self.grid, (xy - self.origin) * self.scale)
+
+    def preimage(self, xy: np.ndarray) -> np.ndarray:
+        """The points ``u`` that the field moves onto ``xy`` (N, 2): ``u + F(u) = xy`` to ``PREIMAGE_TOL_PX``.
+
+        Newton's method on ``u + F(u) - xy`` from ``xy - F(xy)``, each step halved until the
+        residual shrinks. Unlike the fixed-point iteration ``u = xy - F(u)`` it converges where
+        ``F`` is steeper than 1 px/px (the training field at ds 4), as long as the map does not
+        fold. The Jacobian is the bilinear field's own slope (a one-sided difference well inside
+        a grid cell).
+        """
+        xy = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
+        u = xy - self(xy)
+        residual = u + self(u) - xy
+        h = 1e-3 / self.scale  # a thousandth of a grid cell, in tile px
+        for _ in range(PREIMAGE_MAX_ITER):
+            norm = np.hypot(residual[:, 0], residual[:, 1])
+            todo = np.flatnonzero(np.abs(residual).max(axis=1, initial=0.0) >= PREIMAGE_TOL_PX)
+            if len(todo) == 0:
+                break
+            at, r = u[todo], residual[todo]
+            here = self(at)
+            dx = (self(at + [h, 0.0]) - here) / h  # (dFx/dx, dFy/dx)
+            dy = (self(at + [0.0, h]) - here) / h
+            # (I + J) step = r with J = [[dFx/dx, dFx/dy], [dFy/dx, dFy/dy]], by Cramer's rule
+            a, b, c, d = 1.0 + dx[:, 0], dy[:, 0], dx[:, 1], 1.0 + dy[:, 1]
+            det = a * d - b * c
+            safe = np.abs(det) > 1e-9
+            det = np.where(safe, det, 1.0)
+            step = np.where(safe[:, None], np.stack([d * r[:, 0] - b * r[:, 1], a * r[:, 1] - c * r[:, 0]], 1) / det[:, None], r)
+            length = np.ones(len(todo))
+            pending = np.arange(len(todo))
+            for _ in range(30):  # halvings: a Newton step can overshoot across a kink of the bilinear field
+                trial = at[pending] - length[pending, None] * step[pending]
+                trial_residual = trial + self(trial) - xy[todo[pending]]
+                better = np.hypot(trial_residual[:, 0], trial_residual[:, 1]) < norm[todo[pending]]
+                u[todo[pending[better]]] = trial[better]
+                residual[todo[pending[better]]] = trial_residual[better]
+                pending = pending[~better]
+                if len(pending) == 0:
+                    break
+                length[pending] /= 2.0
+        left = int((np.abs(residual).max(axis=1, initial=0.0) >= PREIMAGE_TOL_PX).sum())
+        if left:
+            # only where the field folds (no single preimage): the closest point found stands
+            logger.debug("%d of %d preimages above %.0e px after %d Newton steps", left, len(xy), PREIMAGE_TOL_PX, PREIMAGE_MAX_ITER)
+        return u
 
 
 def tile_probabilities(areas: np.ndarray, cities: Sequence[str], weight_by: str) -> np.ndarray:
@@ -394,19 +436,19 @@ class PatchSampler:
             return (xy - centre) @ rot + size / 2.0
 
         labels = shapely.transform(chosen, to_patch)
-        inputs = shapely.transform(chosen, lambda xy: to_patch(xy - field(xy)))
+        inputs = shapely.transform(chosen, lambda xy: to_patch(field.preimage(xy)))
         kept = rng.random(len(chosen)) < cfg.keep_prob
 
         polys = rasterize_polygons(inputs[kept], (size, size), edge_width=cfg.edge_width).astype(np.float32)
         seg3 = rasterize_polygons(labels, (out, out), offset=(margin, margin), edge_width=cfg.edge_width)
         seg = np.concatenate([1 - seg3.max(axis=0, keepdims=True), seg3]).astype(np.float32)
 
-        # Target at the output window's pixel centres: F'(p) = A^T F(x_tile(p)) (or the
-        # inverse of F, see _target_vectors), i.e. moved in space and rotated in value.
+        # Target at the output window's pixel centres: F'(p) = A^T F(x_tile(p)), i.e. moved in
+        # space and rotated in value (the inputs sit where F moves them onto the labels).
         centres = np.arange(out, dtype=np.float64) + 0.5 + margin - size / 2.0
         px, py = np.meshgrid(centres, centres)
         patch_offsets = np.stack([px.ravel(), py.ravel()], axis=1)
-        vectors = self._target_vectors(field, centre + patch_offsets @ rot.T) @ rot
+        vectors = field(centre + patch_offsets @ rot.T) @ rot
         field_px = vectors.T.reshape(2, out, out).astype(np.float32)
         disp = np.clip(field_px / cfg.max_displacement, -1.0, 1.0)
 
@@ -428,24 +470,6 @@ class PatchSampler:
             centre=(float(centre[0]), float(centre[1])),
             field=field,
         )
-
-    def _target_vectors(self, field: Field, xy: np.ndarray) -> np.ndarray:
-        """Target displacement (tile axes) at tile points ``xy``: ``F`` or its inverse ``G``.
-
-        ``G`` solves ``G(p) = F(p + G(p))``, so a vertex misaligned to ``u = v - F(v)`` is
-        moved exactly back by ``u + G(u) = v``; fixed-point iteration from ``G = F``
-        (a contraction where ``|grad F| < 1``, i.e. wherever the noise does not fold).
-        """
-        vectors = field(xy)
-        if not self.cfg.inverse_target:
-            return vectors
-        for _ in range(INVERSE_MAX_ITER):
-            updated = field(xy + vectors)
-            change = np.abs(updated - vectors).max(initial=0.0)
-            vectors = updated
-            if change < INVERSE_TOL_PX:
-                break
-        return vectors
 
     def _draw_field(self, centre: np.ndarray, rng: np.random.Generator) -> Field:
         """A fresh field over the crop around ``centre`` (tile frame, vectors in tile axes)."""
