@@ -59,7 +59,9 @@ def test_same_draws_agree_with_the_exact_path() -> None:
     """KEY: rendering the exact path's own draws gives its patches, up to resampling the burned labels.
 
     Measured here: pooled fill IoU 0.95 (input) and 0.97 (seg), edge IoU 0.85 / 0.89, mean edge
-    distance <= 0.18 px in every patch, targets within 1e-4 px, image within half a gray level.
+    distance <= 0.15 px in every patch, vertex pixels 0.99 of the exact path's, targets within
+    2.4e-6 of the tanh range (one sample of the same field, float32 against float64), image within
+    half a gray level.
     """
     cfg = PatchConfig(**SMOOTH, **NO_JITTER, keep_prob=1.0)
     patches, batch = _same_draws(cfg)
@@ -71,10 +73,10 @@ def test_same_draws_agree_with_the_exact_path() -> None:
     assert _pooled_iou(exact_polys[:, 1], polys[:, 1]) >= 0.8
     assert _pooled_iou(exact_seg[:, 2], seg[:, 2]) >= 0.85
     distances = [_edge_distance(p.polys[1], polys[i, 1]) for i, p in enumerate(patches) if p.polys[1].any()]
-    assert len(distances) >= 30 and max(distances) <= 0.3
+    assert len(distances) >= 30 and max(distances) <= 0.25
     # one vertex pixel per vertex, give or take the rotated grid (0 to 2 pixel centres per tile pixel)
-    assert abs(polys[:, 2].sum() / exact_polys[:, 2].sum() - 1) < 0.1
-    np.testing.assert_allclose(batch["disp"].numpy(), np.stack([p.disp for p in patches]), atol=1e-4)
+    assert abs(polys[:, 2].sum() / exact_polys[:, 2].sum() - 1) < 0.05
+    np.testing.assert_allclose(batch["disp"].numpy(), np.stack([p.disp for p in patches]), atol=1e-5)
     # bilinear either way; cv2 rounds to uint8 and weights in 1/32 steps
     np.testing.assert_allclose(batch["image"].numpy(), np.stack([p.image for p in patches]), atol=0.51 / 127.5)
     np.testing.assert_array_equal(batch["polys_out"].numpy(), polys[:, :, 20:40, 20:40])
@@ -88,7 +90,7 @@ def test_same_draws_per_crop_field() -> None:
     patches, batch = _same_draws(cfg, n=16)
     assert _pooled_iou(np.stack([p.polys[0] for p in patches]), batch["polys"][:, 0].numpy()) >= 0.8
     assert _pooled_iou(np.stack([p.seg[1] for p in patches]), batch["seg"][:, 1].numpy()) >= 0.95
-    np.testing.assert_allclose(batch["disp"].numpy(), np.stack([p.disp for p in patches]), atol=1e-4)
+    np.testing.assert_allclose(batch["disp"].numpy(), np.stack([p.disp for p in patches]), atol=1e-5)
 
 
 def test_orthogonal_matches_the_exact_convention() -> None:
