@@ -70,11 +70,11 @@ def test_inputs_sit_where_the_field_moves_them_onto_the_labels_and_vectors_rotat
     cfg = PatchConfig(**SMOOTH, keep_prob=1.0)
     sampler = PatchSampler([_tile(n=80)], cfg)
     for angle, flipped in [(0.0, False), (2.0, True), (math.pi / 2, False), (4.5, True)]:
+        rot = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
+        rot = rot @ np.diag([1.0, -1.0 if flipped else 1.0])
         checked = 0
         for k in range(3):
             patch = sampler.draw(np.random.default_rng(k), angle=angle, flipped=flipped)
-            rot = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
-            rot = rot @ np.diag([1.0, -1.0 if flipped else 1.0])
             labels, inputs = (
                 np.asarray(patch.centre) + (shapely.get_coordinates(g) - cfg.input_size / 2.0) @ rot.T
                 for g in (patch.labels, patch.inputs)

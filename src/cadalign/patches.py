@@ -283,15 +283,15 @@ class Field:
         """
         xy = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
         u = xy - self(xy)
-        residual = u + self(u) - xy
+        moved = self(u)  # F(u), kept with u: the residual and the slope's base need it
+        residual = u + moved - xy
         h = 1e-3 / self.scale  # a thousandth of a grid cell, in tile px
         for _ in range(PREIMAGE_MAX_ITER):
             norm = np.hypot(residual[:, 0], residual[:, 1])
             todo = np.flatnonzero(np.abs(residual).max(axis=1, initial=0.0) >= PREIMAGE_TOL_PX)
             if len(todo) == 0:
                 break
-            at, r = u[todo], residual[todo]
-            here = self(at)
+            at, r, here = u[todo], residual[todo], moved[todo]
             dx = (self(at + [h, 0.0]) - here) / h  # (dFx/dx, dFy/dx)
             dy = (self(at + [0.0, h]) - here) / h
             # (I + J) step = r with J = [[dFx/dx, dFx/dy], [dFy/dx, dFy/dy]], by Cramer's rule
@@ -304,10 +304,11 @@ class Field:
             pending = np.arange(len(todo))
             for _ in range(30):  # halvings: a Newton step can overshoot across a kink of the bilinear field
                 trial = at[pending] - length[pending, None] * step[pending]
-                trial_residual = trial + self(trial) - xy[todo[pending]]
+                trial_moved = self(trial)
+                trial_residual = trial + trial_moved - xy[todo[pending]]
                 better = np.hypot(trial_residual[:, 0], trial_residual[:, 1]) < norm[todo[pending]]
-                u[todo[pending[better]]] = trial[better]
-                residual[todo[pending[better]]] = trial_residual[better]
+                accepted = todo[pending[better]]
+                u[accepted], moved[accepted], residual[accepted] = trial[better], trial_moved[better], trial_residual[better]
                 pending = pending[~better]
                 if len(pending) == 0:
                     break
